@@ -1,0 +1,86 @@
+"""Where code runs: device, dtype, torch.distributed backend and thread counts, chosen from the
+resources a process was given. One code path for CPU and GPU: callers ask here instead of branching."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+PROJECT_CACHE_ENV = "RLHF_RAY_CACHE"
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    if has_gpu():
+        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def dist_backend() -> str:
+    return "nccl" if has_gpu() else "gloo"
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """'auto' is bfloat16 on GPU and float32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if has_gpu() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def set_threads(num_cpus: float | None) -> int:
+    """Size torch's intra-op pool to the CPUs this process was given (oversubscribing 2 cores is slow)."""
+    n = max(1, int(num_cpus or os.cpu_count() or 1))
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    return n
+
+
+def setup_process_env() -> None:
+    """Environment every rlhf_ray process (driver and actors) needs before importing DeepSpeed/vLLM:
+    caches inside the project cache dir, no hub access, DeepSpeed's accelerator matching the device."""
+    cache = Path(os.environ.get(PROJECT_CACHE_ENV, Path.cwd() / ".cache")).resolve()
+    os.environ.setdefault(PROJECT_CACHE_ENV, str(cache))
+    defaults = {
+        "HF_HOME": cache / "hf",
+        "TORCH_EXTENSIONS_DIR": cache / "torch_extensions",
+        "VLLM_CACHE_ROOT": cache / "vllm",
+        "TRITON_CACHE_DIR": cache / "triton",
+        "MPLCONFIGDIR": cache / "matplotlib",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, str(value))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in the actor's own process
+    if not has_gpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def runtime_env_vars() -> dict[str, str]:
+    """The variables of `setup_process_env` to hand to Ray actors and jobs (`runtime_env={'env_vars':...}`)."""
+    setup_process_env()
+    keys = [
+        PROJECT_CACHE_ENV,
+        "HF_HOME",
+        "TORCH_EXTENSIONS_DIR",
+        "VLLM_CACHE_ROOT",
+        "TRITON_CACHE_DIR",
+        "MPLCONFIGDIR",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "TOKENIZERS_PARALLELISM",
+        "RAY_USAGE_STATS_ENABLED",
+        "VLLM_ENABLE_V1_MULTIPROCESSING",
+        "DS_ACCELERATOR",
+    ]
+    return {k: os.environ[k] for k in keys if k in os.environ}

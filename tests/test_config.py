@@ -1,0 +1,122 @@
+"""RLHFConfig: YAML + dotted overrides, typed validation with errors that name key, value and fix."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from rlhf_ray.config import ConfigError, RLHFConfig, apply_overrides
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_validate_and_round_trip():
+    cfg = RLHFConfig.from_dict({"model": {"policy_path": "/m"}})
+    again = RLHFConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, {"algorithm": {"estimator": "gae", "kl_coef": 0.1}, "trainer": {"lr": 1e-5}})
+    cfg = RLHFConfig.from_yaml(path, ["algorithm.kl_coef=0.05", "trainer.zero_stage=3", "run.seed=7"])
+    assert cfg.algorithm.estimator == "gae"
+    assert cfg.algorithm.kl_coef == 0.05
+    assert cfg.trainer.zero_stage == 3
+    assert cfg.trainer.lr == 1e-5
+    assert cfg.run.seed == 7
+
+
+def test_int_accepted_for_float_and_null_for_optional():
+    cfg = RLHFConfig.from_dict({"algorithm": {"kl_coef": 1, "clip_eps_high": None}})
+    assert isinstance(cfg.algorithm.kl_coef, float)
+    assert cfg.algorithm.clip_eps_high is None
+
+
+def test_nested_role_resources():
+    cfg = RLHFConfig.from_dict({"placement": {"rollout": {"num_cpus": 2, "resources": {"rollout_node": 1}}}})
+    assert cfg.placement.rollout.num_cpus == 2.0
+    assert cfg.placement.rollout.resources == {"rollout_node": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("data", "needles"),
+    [
+        ({"algorithm": {"kl_coeff": 0.1}}, ["algorithm.kl_coeff", "did you mean", "algorithm.kl_coef"]),
+        ({"algoritm": {}}, ["algoritm", "algorithm"]),
+        ({"trainer": {"lr": "fast"}}, ["trainer.lr", "'fast'", "a number"]),
+        ({"trainer": {"num_ranks": 1.5}}, ["trainer.num_ranks", "integer"]),
+        ({"logging": {"jsonl": "yes"}}, ["logging.jsonl", "true or false"]),
+        ({"trainer": {"lr": -1e-5}}, ["trainer.lr", "-1e-05", "> 0"]),
+        ({"algorithm": {"clip_eps": 1.0}}, ["algorithm.clip_eps", "(0, 1)"]),
+        ({"algorithm": {"estimator": "ppo2"}}, ["algorithm.estimator", "'ppo2'", "'gae'", "'grpo'"]),
+        ({"algorithm": {"kl_estimator": "k4"}}, ["algorithm.kl_estimator", "'k3'"]),
+        ({"trainer": {"zero_stage": 4}}, ["trainer.zero_stage", "choose one of"]),
+        (
+            {"algorithm": {"estimator": "grpo"}, "rollout": {"samples_per_prompt": 1}},
+            ["rollout.samples_per_prompt=1", "grpo", "at least 2"],
+        ),
+        (
+            {"algorithm": {"estimator": "rloo"}, "rollout": {"samples_per_prompt": 1}},
+            ["rollout.samples_per_prompt=1", "rloo"],
+        ),
+        (
+            {
+                "algorithm": {"mini_batch_size": 64},
+                "run": {"prompts_per_step": 2},
+                "rollout": {"samples_per_prompt": 4},
+            },
+            ["algorithm.mini_batch_size=64", "8"],
+        ),
+        ({"reward": {"kind": "rule"}}, ["reward.function", "module:function"]),
+        ({"reward": {"kind": "http", "url": "localhost:1"}}, ["reward.url", "http"]),
+        ({"placement": {"rollout": {"num_gpus": -1}}}, ["placement.rollout.num_gpus", ">= 0"]),
+        ({"trainer": 3}, ["trainer", "mapping"]),
+    ],
+)
+def test_bad_config_names_key_value_and_rule(data, needles):
+    with pytest.raises(ConfigError) as info:
+        RLHFConfig.from_dict(data)
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+
+
+def test_gae_allows_one_sample_per_prompt():
+    cfg = RLHFConfig.from_dict(
+        {"algorithm": {"estimator": "gae", "mini_batch_size": 8}, "rollout": {"samples_per_prompt": 1}}
+    )
+    assert cfg.rollout.samples_per_prompt == 1
+
+
+def test_bad_overrides():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["algorithm.kl_coef"])
+    with pytest.raises(ConfigError, match="section.key"):
+        apply_overrides({}, ["kl_coef=1"])
+    with pytest.raises(ConfigError, match="unknown config key 'trainer.lrr'"):
+        RLHFConfig.from_dict(apply_overrides({}, ["trainer.lrr=1e-5"]))
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        RLHFConfig.from_yaml(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algorithm: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        RLHFConfig.from_yaml(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        RLHFConfig.from_yaml(listy)
+
+
+def test_hash_tracks_model_and_algorithm_not_logging():
+    a = RLHFConfig.from_dict({})
+    assert a.hash() == a.with_overrides(["logging.tensorboard=false", "run.total_steps=5"]).hash()
+    assert a.hash() != a.with_overrides(["algorithm.clip_eps=0.3"]).hash()
+    assert a.hash() != a.with_overrides(["model.policy_path=/other"]).hash()
