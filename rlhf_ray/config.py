@@ -62,6 +62,7 @@ class RolloutConfig:
     samples_per_prompt: int = 4
     kv_cache_gib: float = 1.0  # cap on the vLLM KV cache (GiB); on CPU it comes out of system memory
     enable_prefix_caching: bool = True  # the samples of one prompt share its KV cache
+    weight_sync: Literal["object_store", "broadcast"] = "object_store"  # how new weights reach the engines
 
 
 @dataclass
@@ -141,6 +142,8 @@ class RunConfig:
     eval_interval: int = 0  # steps; 0: only at the end
     eval_prompts: int = 64
     eval_greedy: bool = True
+    eval_function: str | None = None  # 'module:function' scoring eval responses besides the reward (e.g. a gold score)
+    call_timeout_s: float = 1800.0  # longest wait for any role's answer before the run fails naming that role
 
 
 @dataclass
@@ -362,6 +365,7 @@ class RLHFConfig:
             ),
             ("run.eval_interval", self.run.eval_interval, self.run.eval_interval >= 0, "an integer >= 0"),
             ("run.eval_prompts", self.run.eval_prompts, self.run.eval_prompts >= 0, "an integer >= 0"),
+            ("run.call_timeout_s", self.run.call_timeout_s, self.run.call_timeout_s > 0, "a number > 0"),
             (
                 "logging.log_interval",
                 self.logging.log_interval,
@@ -411,6 +415,11 @@ class RLHFConfig:
             raise ConfigError(
                 f"reward.function={self.reward.function!r}: reward.kind='rule' needs 'module:function' "
                 f"(e.g. reward.function=rlhf_ray.data.synthetic:gold_reward)"
+            )
+        if self.run.eval_function is not None and ":" not in self.run.eval_function:
+            raise ConfigError(
+                f"run.eval_function={self.run.eval_function!r}: expected 'module:function' "
+                f"(e.g. rlhf_ray.data.synthetic:gold_reward)"
             )
         if self.reward.kind == "http" and not (self.reward.url or "").startswith(("http://", "https://")):
             raise ConfigError(

@@ -1,0 +1,136 @@
+"""Placement of the RL roles on the cluster: one Ray placement group whose bundles are laid out from
+`cfg.placement`, and the `.options()` each actor is created with.
+
+- `separate` (default): every actor has its own bundle (policy and critic ranks, rollout engines,
+  reference, reward).
+- `colocate`: rollout engine i and the reference share the bundle of policy rank i, each taking an equal
+  fraction of it (on GPUs: one device shared by trainer, vLLM and reference); critic and reward stay
+  separate.
+
+A 1-node CPU run and a multi-node GPU run differ only in `cfg.placement`. Demands larger than the cluster
+fail here, before any actor waits forever for resources.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_ray.config import RLHFConfig, RoleResources
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot host the roles the config asks for."""
+
+
+@dataclass
+class RolePlan:
+    policy: list[dict[str, Any]] = field(default_factory=list)
+    critic: list[dict[str, Any]] = field(default_factory=list)
+    rollout: list[dict[str, Any]] = field(default_factory=list)
+    reference: dict[str, Any] = field(default_factory=dict)
+    reward: dict[str, Any] = field(default_factory=dict)
+    placement_group: PlacementGroup | None = None
+
+    def remove(self) -> None:
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+
+def _bundle(res: RoleResources) -> dict[str, float]:
+    b = {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.resources}
+    b = {k: v for k, v in b.items() if v > 0}
+    return b or {"CPU": 0.01}
+
+
+Slot = tuple[int, float, RoleResources]  # bundle index, share of that bundle, the bundle's resources
+
+
+def layout(cfg: RLHFConfig, need_critic: bool) -> tuple[list[dict[str, float]], dict[str, list[Slot]]]:
+    """Bundles, and for each role one slot per actor: which bundle, what share of it."""
+    p = cfg.placement
+    n_ranks, n_engines = cfg.trainer.num_ranks, cfg.rollout.num_engines
+    bundles: list[dict[str, float]] = []
+    slots: dict[str, list[Slot]] = {r: [] for r in ("policy", "critic", "rollout", "reference", "reward")}
+
+    def own(res: RoleResources) -> Slot:
+        bundles.append(_bundle(res))
+        return (len(bundles) - 1, 1.0, res)
+
+    if p.mode == "separate":
+        slots["policy"] = [own(p.policy) for _ in range(n_ranks)]
+        slots["rollout"] = [own(p.rollout) for _ in range(n_engines)]
+        slots["reference"] = [own(p.reference)]
+    else:
+        shared = [own(p.policy)[0] for _ in range(n_ranks)]
+        members: dict[int, list[str]] = {i: ["policy"] for i in shared}
+        for e in range(n_engines):
+            if e < n_ranks:
+                members[shared[e]].append("rollout")
+            else:
+                slots["rollout"].append(own(p.rollout))
+        members[shared[0]].append("reference")
+        for idx, roles in members.items():
+            for role in roles:
+                slots[role].append((idx, 1.0 / len(roles), p.policy))
+        slots["rollout"].sort(key=lambda s: s[0])
+    if need_critic:
+        slots["critic"] = [own(p.critic) for _ in range(n_ranks)]
+    slots["reward"] = [own(p.reward)]
+    return bundles, slots
+
+
+def check_fits(bundles: list[dict[str, float]], available: dict[str, float]) -> None:
+    need: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            need[k] = need.get(k, 0.0) + v
+    short = {k: (v, available.get(k, 0.0)) for k, v in need.items() if v > available.get(k, 0.0) + 1e-9}
+    if short:
+        detail = ", ".join(f"{k}: needs {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
+        raise PlacementError(
+            f"the roles need more resources than the cluster has ({detail}). Lower trainer.num_ranks, "
+            f"rollout.num_engines or the placement.<role>.num_cpus/num_gpus, use placement.mode=colocate, "
+            f"or add nodes"
+        )
+
+
+def plan_placement(cfg: RLHFConfig, need_critic: bool, timeout_s: float = 300.0) -> RolePlan:
+    bundles, slots = layout(cfg, need_critic)
+    check_fits(bundles, ray.cluster_resources())
+    pg = placement_group(bundles, strategy=cfg.placement.strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise PlacementError(
+            f"placement group of {len(bundles)} bundles ({bundles}) was not placed within {timeout_s:.0f} s; "
+            f"the cluster has the resources in total but not in the shape asked for "
+            f"(placement.strategy={cfg.placement.strategy}): free resources, add nodes or try strategy PACK"
+        )
+
+    def options(role: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "num_cpus": res.num_cpus * share,
+                "num_gpus": res.num_gpus * share,
+                "resources": {k: v * share for k, v in res.resources.items()},
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=idx
+                ),
+            }
+            for idx, share, res in slots[role]
+        ]
+
+    return RolePlan(
+        policy=options("policy"),
+        critic=options("critic"),
+        rollout=options("rollout"),
+        reference=options("reference")[0],
+        reward=options("reward")[0],
+        placement_group=pg,
+    )

@@ -1,0 +1,54 @@
+"""What every job shares: `--config FILE` plus dotted overrides, and connecting to (or starting) Ray."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from rlhf_ray.config import ConfigError, RLHFConfig
+from rlhf_ray.runtime import runtime_env_vars, setup_process_env
+
+
+def parse_args(description: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, RLHFConfig]:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: what the roles need)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.kl_coef=0.05 trainer.lr=1e-5")
+    args = parser.parse_args(argv)
+    try:
+        cfg = RLHFConfig.from_yaml(args.config, args.overrides)
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")
+    return args, cfg
+
+
+def init_ray(address: str | None, num_cpus: int | None, needed_cpus: float = 0.0) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS, as under `ray job submit`), else start a local Ray
+    sized for the roles. Local Ray binds its services to 127.0.0.1 and keeps the dashboard off."""
+    import ray
+
+    setup_process_env()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": runtime_env_vars()}
+    if address:
+        try:
+            ray.init(address=address, runtime_env=env)
+        except ConnectionError as exc:
+            sys.exit(
+                f"cannot reach the Ray cluster at {address!r}: {exc}. Start it with `ray start --head` "
+                f"(see cluster/README.md), or leave --address/RAY_ADDRESS unset to run locally"
+            )
+        return
+    cpus = num_cpus or max(os.cpu_count() or 1, int(needed_cpus + 0.999))
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        include_dashboard=False,
+        node_ip_address="127.0.0.1",
+        object_store_memory=int(os.environ.get("RLHF_RAY_OBJECT_STORE_BYTES", 2 * 1024**3)),
+        runtime_env=env,
+    )

@@ -1,0 +1,110 @@
+"""Turn a scored rollout into training experience: KL penalty, rewards per token, advantages, returns.
+
+Pure torch over a `Batch` (no Ray, no I/O): the driver runs it as a small Ray task on the object-store
+references of the roles' outputs, so the batch tensors never pass through the driver.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_ray.algorithms import (
+    compute_gae,
+    compute_grpo_advantages,
+    compute_reinforce_pp_advantages,
+    compute_rloo_advantages,
+    kl_estimate,
+    masked_mean,
+    masked_whiten,
+    sequence_to_token_rewards,
+)
+from rlhf_ray.batch import Batch
+from rlhf_ray.config import AlgorithmConfig
+
+
+@dataclass
+class RewardNormalizer:
+    """Running mean/std of sequence scores (Welford), so reward scale stays stable across steps."""
+
+    count: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def update(self, scores: torch.Tensor) -> None:
+        for x in scores.double().tolist():
+            self.count += 1
+            delta = x - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (x - self.mean)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+
+def make_experience(
+    batch: Batch,
+    algo: AlgorithmConfig,
+    kl_coef: float,
+    group_size: int,
+    normalizer: RewardNormalizer | None = None,
+) -> tuple[Batch, dict[str, float]]:
+    """Add `rewards`, `advantages` (and `returns` for GAE) to a batch holding `scores`, `logprobs`,
+    `ref_logprobs` (and `values` for GAE). Returns the batch and step statistics."""
+    mask = batch["response_mask"].float()
+    scores = batch["scores"].float()
+    raw_scores = scores.clone()
+    if normalizer is not None:
+        normalizer.update(scores)
+        scores = scores / max(normalizer.std, 1e-6)
+    if algo.reward_clip is not None:
+        scores = scores.clamp(-algo.reward_clip, algo.reward_clip)
+
+    kl = kl_estimate(batch["logprobs"], batch["ref_logprobs"], algo.kl_estimator) * mask
+    kl_per_seq = kl.sum(dim=1)
+    penalty = kl_coef * kl if algo.kl_in == "reward" else torch.zeros_like(kl)
+    token_rewards = sequence_to_token_rewards(scores, mask) - penalty
+
+    if algo.estimator == "gae":
+        advantages, returns = compute_gae(token_rewards, batch["values"].float(), mask, algo.gamma, algo.lam)
+        batch["returns"] = returns
+    elif algo.estimator == "reinforce_pp":
+        advantages = compute_reinforce_pp_advantages(token_rewards, mask, gamma=algo.gamma)
+    else:
+        seq_rewards = token_rewards.sum(dim=1)  # score minus the summed KL penalty when kl_in == 'reward'
+        if algo.estimator == "grpo":
+            seq_adv = compute_grpo_advantages(seq_rewards, group_size)
+        else:
+            seq_adv = compute_rloo_advantages(seq_rewards, group_size)
+        advantages = seq_adv[:, None] * mask
+    if algo.whiten_advantages and algo.estimator in ("gae", "rloo"):
+        advantages = masked_whiten(advantages, mask) * mask
+
+    batch["rewards"] = token_rewards
+    batch["advantages"] = advantages
+    lengths = mask.sum(dim=1)
+    stats = {
+        "reward/mean": raw_scores.mean().item(),
+        "reward/std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
+        "reward/max": raw_scores.max().item(),
+        "reward/min": raw_scores.min().item(),
+        "kl": kl_per_seq.mean().item(),
+        "kl/per_token": masked_mean(kl, mask).item(),
+        "kl_coef": kl_coef,
+        "advantage/mean": masked_mean(advantages, mask).item(),
+        "advantage/std": masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt().item(),
+        "response_length/mean": lengths.mean().item(),
+        "response_length/max": lengths.max().item(),
+        "rollout_vs_trainer_logprob_diff": masked_mean(
+            (batch["rollout_logprobs"] - batch["logprobs"]).abs(), mask
+        ).item()
+        if "rollout_logprobs" in batch
+        else float("nan"),
+    }
+    if algo.estimator == "gae":
+        stats["value/mean"] = masked_mean(batch["values"].float(), mask).item()
+        stats["return/mean"] = masked_mean(batch["returns"], mask).item()
+    return batch, stats

@@ -1,0 +1,90 @@
+"""Where a run's numbers go: a JSONL file (one object per step, easy to plot), TensorBoard, and a console
+progress bar with reward, KL, tokens/s and ETA. `plot_metrics` turns the JSONL into a PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rlhf_ray.config import LoggingConfig
+
+BAR_KEYS = {"reward/mean": "reward", "kl": "kl", "eval/gold": "gold", "tokens_per_s": "tok/s"}
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str | Path, cfg: LoggingConfig, total_steps: int, start_step: int = 0):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.path = self.dir / "metrics.jsonl"
+        self._jsonl = self.path.open("a") if cfg.jsonl else None
+        self._tb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        self._bar = None
+        if cfg.progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="rl", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, int | float) and k != "step" and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+        if self._bar is not None:
+            self._bar.update(1)
+            shown = {short: f"{record[k]:.3g}" for k, short in BAR_KEYS.items() if isinstance(record.get(k), float)}
+            self._bar.set_postfix(shown, refresh=False)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else v
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(path: str | Path, out_png: str | Path, keys: tuple[str, ...] = ("reward/mean", "kl", "eval/gold")) -> Path:
+    """One panel per metric against the step; steps a metric was not logged at are skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(path)
+    keys = tuple(k for k in keys if any(r.get(k) is not None for r in rows))
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.4 * max(len(keys), 1)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,1 @@
+"""Driver loops: they start the role actors and move object references between them."""

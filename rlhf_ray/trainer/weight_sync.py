@@ -1,0 +1,51 @@
+"""Weight sync from the policy trainer to the rollout engines: one interface, two transports.
+
+- `ObjectStoreSync` (default, works everywhere): policy rank 0 puts a dict of numpy arrays in the object
+  store (gathered first under ZeRO-3); every engine gets it zero-copy and reloads in place.
+- `BroadcastSync`: a torch.distributed side group from policy rank 0 to the engines (gloo on CPU, NCCL
+  on GPU), opened once and reused; every sync broadcasts the parameters tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from rlhf_ray.config import RLHFConfig
+from rlhf_ray.trainer.roles import Roles, wait_for
+
+
+class ObjectStoreSync:
+    def __init__(self, roles: Roles, timeout_s: float):
+        self.roles, self.timeout = roles, timeout_s
+
+    def sync(self) -> None:
+        exported = wait_for({"policy trainer (export)": self.roles.policy.export_weights()}, self.timeout)
+        refs = exported["policy trainer (export)"]
+        wait_for(
+            {f"rollout engine {i}": e.update_weights_from_store.remote(refs) for i, e in enumerate(self.roles.engines)},
+            self.timeout,
+        )
+        del refs  # the last reference to the weights: the store frees them now
+
+
+class BroadcastSync:
+    def __init__(self, roles: Roles, timeout_s: float):
+        self.roles, self.timeout = roles, timeout_s
+        world = 1 + len(roles.engines)
+        opened = wait_for({"policy trainer (open)": roles.policy.open_broadcast(world)}, timeout_s)
+        addr, port, manifest = opened["policy trainer (open)"]
+        joins = {
+            f"rollout engine {i}": e.open_broadcast.remote(addr, port, i + 1, world, manifest)
+            for i, e in enumerate(roles.engines)
+        }
+        joins["policy trainer (connect)"] = roles.policy.connect_broadcast()
+        wait_for(joins, timeout_s)
+
+    def sync(self) -> None:
+        calls = {f"rollout engine {i}": e.receive_broadcast.remote() for i, e in enumerate(self.roles.engines)}
+        calls["policy trainer (broadcast)"] = self.roles.policy.broadcast_weights()
+        wait_for(calls, self.timeout)
+
+
+def make_weight_sync(cfg: RLHFConfig, roles: Roles) -> ObjectStoreSync | BroadcastSync:
+    kind = {"object_store": ObjectStoreSync, "broadcast": BroadcastSync}[cfg.rollout.weight_sync]
+    return kind(roles, cfg.run.call_timeout_s)
+
