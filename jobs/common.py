@@ -14,9 +14,18 @@ from rlhf_ray.runtime import runtime_env_vars, setup_process_env
 def parse_args(description: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, RLHFConfig]:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
-    parser.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: what the roles need)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.kl_coef=0.05 trainer.lr=1e-5")
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)"
+    )
+    parser.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="logical CPUs of a local Ray (default: what the roles need)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. algorithm.kl_coef=0.05 trainer.lr=1e-5"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = RLHFConfig.from_yaml(args.config, args.overrides)

@@ -1,7 +1,7 @@
 """Stage 4: RL (PPO / GRPO / RLOO / REINFORCE++) with the roles as Ray actors.
 
-    python -m jobs.ppo --config jobs/configs/tiny.yaml [section.key=value ...]
-    ray job submit --working-dir . -- python -m jobs.ppo --config jobs/configs/tiny.yaml
+python -m jobs.ppo --config jobs/configs/tiny.yaml [section.key=value ...]
+ray job submit --working-dir . -- python -m jobs.ppo --config jobs/configs/tiny.yaml
 """
 
 from __future__ import annotations

@@ -99,7 +99,9 @@ class CheckpointManager:
             for name, info in manifest["files"].items():
                 f = path / name
                 if not f.is_file() or f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
-                    raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing or changed since it was written")
+                    raise CheckpointError(
+                        f"checkpoint {path} is damaged: {name} is missing or changed since it was written"
+                    )
         return manifest
 
     def _prune(self) -> None:

@@ -29,7 +29,9 @@ class MetricsLogger:
         if cfg.progress_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="rl", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, desc="rl", unit="step", dynamic_ncols=True
+            )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -42,7 +44,9 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, step)
         if self._bar is not None:
             self._bar.update(1)
-            shown = {short: f"{record[k]:.3g}" for k, short in BAR_KEYS.items() if isinstance(record.get(k), float)}
+            shown = {
+                short: f"{record[k]:.3g}" for k, short in BAR_KEYS.items() if isinstance(record.get(k), float)
+            }
             self._bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:
@@ -67,7 +71,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_metrics(path: str | Path, out_png: str | Path, keys: tuple[str, ...] = ("reward/mean", "kl", "eval/gold")) -> Path:
+def plot_metrics(
+    path: str | Path, out_png: str | Path, keys: tuple[str, ...] = ("reward/mean", "kl", "eval/gold")
+) -> Path:
     """One panel per metric against the step; steps a metric was not logged at are skipped."""
     import matplotlib
 

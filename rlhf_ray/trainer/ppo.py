@@ -72,7 +72,9 @@ class PPOTrainer:
         if cfg.data.eval_path and cfg.run.eval_prompts:
             eval_records = load_records(cfg.data.eval_path, [cfg.data.prompt_field])
             eval_source = PromptSource(eval_records, tokenizer, cfg.data, seed=cfg.run.seed, shuffle=False)
-            self.eval_prompts = [ids for _, ids in eval_source.next(min(cfg.run.eval_prompts, len(eval_source)))]
+            self.eval_prompts = [
+                ids for _, ids in eval_source.next(min(cfg.run.eval_prompts, len(eval_source)))
+            ]
         self.kl_ctl = kl_controller(cfg)
         self.normalizer = RewardNormalizer() if cfg.algorithm.normalize_reward else None
         self.ckpt = CheckpointManager(
@@ -119,9 +121,16 @@ class PPOTrainer:
         finally:
             logger.close()
         policy_dir = self.out / "policy"
-        wait_for({"policy trainer": self.roles.policy.save_pretrained(str(policy_dir))}, cfg.run.call_timeout_s)
+        wait_for(
+            {"policy trainer": self.roles.policy.save_pretrained(str(policy_dir))}, cfg.run.call_timeout_s
+        )
         plot = plot_metrics(logger.path, self.out / "curves.png")
-        return {"output_dir": str(self.out), "policy": str(policy_dir), "metrics": str(logger.path), "plot": str(plot)}
+        return {
+            "output_dir": str(self.out),
+            "policy": str(policy_dir),
+            "metrics": str(logger.path),
+            "plot": str(plot),
+        }
 
     # ---- one step -------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -203,11 +212,18 @@ class PPOTrainer:
         names = {ref: name for name, ref in named.items()}
         pending, done = list(named.values()), {}
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(timeout - (time.perf_counter() - start), 0))
+            ready, pending = ray.wait(
+                pending, num_returns=1, timeout=max(timeout - (time.perf_counter() - start), 0)
+            )
             if not ready:
                 wait_for({names[r]: r for r in pending}, 0.001)  # raises, naming the late roles
             done[names[ready[0]]] = time.perf_counter() - start
-        key = {"reference model": "reference", "reward model": "reward", "policy trainer": "logprobs", "critic trainer": "critic"}
+        key = {
+            "reference model": "reference",
+            "reward model": "reward",
+            "policy trainer": "logprobs",
+            "critic trainer": "critic",
+        }
         return {f"time/{key[n]}": v for n, v in done.items()}
 
     # ---- evaluation -----------------------------------------------------------------------------

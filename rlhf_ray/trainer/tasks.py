@@ -45,7 +45,10 @@ def experience_task(
 @ray.remote(num_cpus=0)
 def eval_function_task(function: str, batch: Batch, scores: Batch) -> dict[str, float]:
     """Mean reward-model score and mean `function` score (e.g. the gold labeler) of an eval rollout."""
-    out = {"eval/reward": float(scores["scores"].mean()), "eval/response_length": float(batch["response_mask"].sum(1).float().mean())}
+    out = {
+        "eval/reward": float(scores["scores"].mean()),
+        "eval/response_length": float(batch["response_mask"].sum(1).float().mean()),
+    }
     if function:
         fn = load_rule_function(function)
         values = check_scores(fn(batch.meta["prompt"], batch.meta["response"]), len(batch), function)

@@ -20,7 +20,10 @@ class ObjectStoreSync:
         exported = wait_for({"policy trainer (export)": self.roles.policy.export_weights()}, self.timeout)
         refs = exported["policy trainer (export)"]
         wait_for(
-            {f"rollout engine {i}": e.update_weights_from_store.remote(refs) for i, e in enumerate(self.roles.engines)},
+            {
+                f"rollout engine {i}": e.update_weights_from_store.remote(refs)
+                for i, e in enumerate(self.roles.engines)
+            },
             self.timeout,
         )
         del refs  # the last reference to the weights: the store frees them now
@@ -40,7 +43,9 @@ class BroadcastSync:
         wait_for(joins, timeout_s)
 
     def sync(self) -> None:
-        calls = {f"rollout engine {i}": e.receive_broadcast.remote() for i, e in enumerate(self.roles.engines)}
+        calls = {
+            f"rollout engine {i}": e.receive_broadcast.remote() for i, e in enumerate(self.roles.engines)
+        }
         calls["policy trainer (broadcast)"] = self.roles.policy.broadcast_weights()
         wait_for(calls, self.timeout)
 
@@ -48,4 +53,3 @@ class BroadcastSync:
 def make_weight_sync(cfg: RLHFConfig, roles: Roles) -> ObjectStoreSync | BroadcastSync:
     kind = {"object_store": ObjectStoreSync, "broadcast": BroadcastSync}[cfg.rollout.weight_sync]
     return kind(roles, cfg.run.call_timeout_s)
-
