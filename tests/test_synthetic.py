@@ -158,3 +158,15 @@ def test_rule_function_imports_without_torch():
     code = "import sys, rlhf_ray.data.synthetic; print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_digit_shaped_score_by_hand():
+    from rlhf_ray.data.synthetic import digit_shaped_reward, digit_shaped_score
+
+    p = "sort: 3 9 1 4 ="
+    assert digit_shaped_score(p, "1 3 4 9") == 1.0
+    assert digit_shaped_score(p, "9 4 3 1") == 1.0  # order is ignored: a stepping stone only
+    assert digit_shaped_score(p, "1 3") == 0.5  # all digits, half the length
+    assert digit_shaped_score(p, "1 = 3 4") == 0.75  # 3 of 4 words are digits, right length
+    assert digit_shaped_score(p, "") == 0.0
+    assert digit_shaped_reward([p, p], ["1 3 4 9 <|eos|>", "sort:"]) == [1.0, 0.0]

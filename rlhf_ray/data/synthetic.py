@@ -67,6 +67,26 @@ def gold_score(prompt: str, response: str) -> float:
     return hits / max(len(answer), len(want))
 
 
+def digit_shaped_score(prompt: str, response: str) -> float:
+    """A dense partial-credit score for learning from scratch (smoke tests, the first steps of a random
+    model): the share of answer words that are digits, times how close the answer's length is to the
+    target's. Unlike `gold_score` it ignores order, so it is only a stepping stone, never the objective."""
+    want = len(parse_prompt(prompt))
+    text = response.strip()
+    if text.endswith(_EOS_TEXT):
+        text = text[: -len(_EOS_TEXT)]
+    words = text.split()
+    if not words or not want:
+        return 0.0
+    digit_share = sum(w in DIGITS for w in words) / len(words)
+    return digit_share * max(0.0, 1.0 - abs(len(words) - want) / want)
+
+
+def digit_shaped_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """`digit_shaped_score` per pair: the rule-function protocol (`reward.kind: rule`)."""
+    return [digit_shaped_score(p, r) for p, r in zip(prompts, responses)]
+
+
 def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """The gold score as a rule function (`fn(prompts, responses) -> list[float]`)."""
     if len(prompts) != len(responses):
