@@ -1,0 +1,339 @@
+"""`RolloutEngine`: the Ray actor that samples responses from the current policy.
+
+Two engines behind one interface, chosen by `cfg.rollout.engine`:
+- `vllm` (default): vLLM in the actor's own process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), eager mode,
+  a capped KV cache, prefix caching so the samples of one prompt share its KV cache;
+- `hf`: transformers `generate`, a fallback that needs nothing beyond transformers.
+
+Sampling is reproducible: sample i of a call drawn with `seed` uses its own seed f(seed, i), so the same
+prompts and seed give the same responses however vLLM schedules them. Without `seed`, the engine draws
+one per call from `cfg.run.seed` (and the engine's rank), so a whole run repeats.
+
+Weights arrive after each training step through either transport of `rlhf_ray.weight_sync`:
+`update_weights_from_store([ref])` (object store) or `open_broadcast` once + `receive_broadcast` per
+sync (torch.distributed side group). Either way the engine reloads in place, re-ties a tied output layer
+and drops its prefix cache (cached keys/values were computed with the old weights).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import ray
+import torch
+from torch import Tensor
+
+from rlhf_ray.batch import Batch
+from rlhf_ray.config import RLHFConfig
+from rlhf_ray.rollout_batch import build_rollout_batch, scatter_response_values, split_sequences
+from rlhf_ray.runtime import device, resolve_dtype, set_threads, setup_process_env
+from rlhf_ray.weight_sync import BroadcastReceiver, ManifestEntry
+
+WeightIter = Iterable[tuple[str, Tensor]]
+
+
+def sample_seeds(seed: int, count: int) -> list[int]:
+    """Per-sample seeds f(seed, i), i < count: well mixed, in [0, 2**31)."""
+    return [int(s) >> 1 for s in np.random.SeedSequence(seed).generate_state(count)]
+
+
+def _numpy_weights(weights: dict[str, np.ndarray]) -> Iterator[tuple[str, Tensor]]:
+    with warnings.catch_warnings():  # arrays from the object store are read-only; the loader copies them
+        warnings.simplefilter("ignore", UserWarning)
+        for name, array in weights.items():
+            yield name, torch.from_numpy(array)
+
+
+# ---- engines: plain classes, so they also run outside Ray ------------------------------------------------
+class VLLMGenerator:
+    """vLLM in this process. Rollout log-probs are vLLM's `processed_logprobs`: those of the distribution
+    actually sampled from (after temperature), which is what the trainer computes with the same temperature."""
+
+    def __init__(self, cfg: RLHFConfig, tokenizer_path: str):
+        from vllm import LLM  # after setup_process_env/set_threads: vLLM reads them at import/start
+
+        self.cfg = cfg
+        self.max_model_len = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+        self.llm = LLM(
+            model=cfg.model.policy_path,
+            tokenizer=tokenizer_path,
+            dtype=str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
+            enforce_eager=True,
+            max_model_len=self.max_model_len,
+            kv_cache_memory_bytes=int(cfg.rollout.kv_cache_gib * 2**30),
+            enable_prefix_caching=cfg.rollout.enable_prefix_caching,
+            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+            seed=cfg.run.seed,
+            logprobs_mode="processed_logprobs",
+        )
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], greedy: bool, max_new_tokens: int
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        r = self.cfg.rollout
+        params = [
+            SamplingParams(
+                n=1,
+                max_tokens=max_new_tokens,
+                temperature=0.0 if greedy else r.temperature,
+                top_p=1.0 if greedy else r.top_p,
+                seed=None if greedy else s,
+                logprobs=0,
+                detokenize=False,
+            )
+            for s in seeds
+        ]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        responses, logprobs = [], []
+        for out in outs:
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            responses.append(ids)
+            logprobs.append([float(step[t].logprob) for step, t in zip(c.logprobs, ids)])
+        return responses, logprobs
+
+    def score(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """log p(token t | < t) for t >= 1 of each prompt+response (raw logits, temperature 1)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        fulls = [p + r for p, r in sequences]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=f) for f in fulls], params, use_tqdm=False)
+        return [
+            [float(o.prompt_logprobs[t][full[t]].logprob) for t in range(1, len(full))]
+            for o, full in zip(outs, fulls)
+        ]
+
+    def load_weights(self, weights: WeightIter) -> None:
+        """RECIPES "Updating weights in place": `reload_weights` (plain `load_weights` misses vLLM's CPU
+        repacking), re-tie a tied output layer, drop the prefix cache."""
+        executor = self.llm.llm_engine.model_executor
+        worker = getattr(getattr(executor, "driver_worker", None), "worker", None)
+        if worker is None:
+            raise RuntimeError(
+                "in-place weight update needs vLLM's engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 "
+                "and rollout.tensor_parallel_size=1); use more engines (rollout.num_engines) instead of TP"
+            )
+        worker.reload_weights(weights_iterator=iter(weights))
+        model = worker.model_runner.model
+        if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+            model.lm_head.weight = model.model.embed_tokens.weight
+            model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
+        self.llm.reset_prefix_cache()
+
+
+class HFGenerator:
+    """transformers `generate` (left-padded batches). A call with one seed is reproducible, but a sample
+    depends on the whole call (one generator for the batch), not only on its own seed."""
+
+    def __init__(self, cfg: RLHFConfig, tokenizer, micro_batch: int = 64):
+        from rlhf_ray.models import load_causal_lm
+
+        self.cfg, self.tok, self.micro_batch = cfg, tokenizer, micro_batch
+        self.device = device()
+        self.model = load_causal_lm(
+            cfg.model.policy_path, dtype=resolve_dtype(cfg.model.dtype), device=self.device, trainable=False
+        )
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], greedy: bool, max_new_tokens: int
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        r, pad, eos = self.cfg.rollout, self.tok.pad_token_id, self.tok.eos_token_id
+        responses, logprobs = [], []
+        for start in range(0, len(prompts), self.micro_batch):
+            chunk = prompts[start : start + self.micro_batch]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
+            gen = torch.Generator(device="cpu").manual_seed(seeds[start] if seeds else 0)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=not greedy,
+                    temperature=None if greedy else r.temperature,
+                    top_p=None if greedy else r.top_p,
+                    top_k=0 if not greedy else None,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                    return_dict_in_generate=True,
+                    output_logits=True,
+                )
+            new = out.sequences[:, width:]
+            temperature = 1.0 if greedy else r.temperature
+            step_lp = torch.stack(out.logits, dim=1).float().div(temperature).log_softmax(-1)
+            token_lp = step_lp.gather(-1, new[..., None]).squeeze(-1)
+            for row, lp in zip(new.tolist(), token_lp.tolist()):
+                n = row.index(eos) + 1 if eos in row else len(row)
+                responses.append(row[:n])
+                logprobs.append(lp[:n])
+        return responses, logprobs
+
+    @torch.no_grad()
+    def score(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        from rlhf_ray.models import sequence_logprobs
+
+        batch = build_rollout_batch(
+            [p for p, _ in sequences], [r for _, r in sequences], None, self.tok.pad_token_id
+        )
+        lp, _ = sequence_logprobs(
+            self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        )
+        lengths = batch["attention_mask"].sum(1).tolist()
+        return [lp[b, 1:n].tolist() for b, n in enumerate(lengths)]
+
+    @torch.no_grad()
+    def load_weights(self, weights: WeightIter) -> None:
+        params = dict(self.model.named_parameters())
+        unknown = []
+        for name, tensor in weights:
+            if name in params:
+                params[name].copy_(tensor)
+            else:
+                unknown.append(name)
+        if unknown:
+            raise KeyError(f"weights not in the rollout model: {unknown[:5]} (a different architecture?)")
+
+
+# ---- the actor ----------------------------------------------------------------------------------------
+@ray.remote
+class RolloutEngine:
+    """Samples `n` responses per prompt from the current policy and returns them as a `Batch`."""
+
+    def __init__(self, cfg: RLHFConfig, rank: int = 0):
+        setup_process_env()
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        self.num_threads = set_threads(cpus)  # before vLLM starts: it takes over the thread count
+        from rlhf_ray.models import load_tokenizer
+
+        self.cfg, self.rank = cfg, rank
+        tokenizer_path = cfg.model.tokenizer_path or cfg.model.policy_path
+        self.tokenizer = load_tokenizer(tokenizer_path, chat_template=cfg.data.chat_template)
+        if cfg.rollout.engine == "vllm":
+            self.engine = VLLMGenerator(cfg, tokenizer_path)
+        else:
+            self.engine = HFGenerator(cfg, self.tokenizer)
+        self._seeds = random.Random(cfg.run.seed * 100_003 + rank)
+        self._receiver: BroadcastReceiver | None = None
+        self._manifest: list[ManifestEntry] = []
+        self._stats = {
+            "num_generated_tokens": 0,
+            "num_prompt_tokens": 0,
+            "num_sequences": 0,
+            "generate_s": 0.0,
+            "num_weight_updates": 0,
+            "last_update_s": 0.0,
+        }
+
+    def ping(self) -> bool:
+        return True
+
+    # ---- generation ---------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        greedy: bool = False,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Batch:
+        """`n` samples of each prompt, the samples of one prompt consecutive (meta `prompt_index`)."""
+        max_new = max_new_tokens or self.cfg.rollout.max_new_tokens
+        limit = self.cfg.data.max_prompt_len + self.cfg.rollout.max_new_tokens
+        for i, p in enumerate(prompts):
+            if not p or len(p) + max_new > limit:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; it needs 1..{limit - max_new} so that it plus "
+                    f"max_new_tokens={max_new} fits the engine's context of data.max_prompt_len + "
+                    f"rollout.max_new_tokens = {limit} (raise data.max_prompt_len, or shorten the prompt)"
+                )
+        if seed is None:
+            seed = self._seeds.getrandbits(31)
+        expanded = [list(p) for p in prompts for _ in range(n)]
+        start = time.perf_counter()
+        responses, logprobs = self.engine.generate(
+            expanded, sample_seeds(seed, len(expanded)), greedy, max_new
+        )
+        self._stats["generate_s"] += time.perf_counter() - start
+        self._stats["num_generated_tokens"] += sum(len(r) for r in responses)
+        self._stats["num_prompt_tokens"] += sum(len(p) for p in expanded)
+        self._stats["num_sequences"] += len(responses)
+        decode = self.tokenizer.decode
+        prompt_text = [decode(p, skip_special_tokens=True) for p in prompts]
+        meta = {
+            "prompt_index": [i for i in range(len(prompts)) for _ in range(n)],
+            "prompt": [prompt_text[i] for i in range(len(prompts)) for _ in range(n)],
+            "response": [decode(r, skip_special_tokens=True) for r in responses],
+        }
+        return build_rollout_batch(expanded, responses, logprobs, self.tokenizer.pad_token_id, meta)
+
+    def logprobs(self, batch: Batch) -> Tensor:
+        """The engine's log p(token t | < t) of the given sequences, `[B, T]` fp32 aligned with input_ids
+        (0 at position 0 and on padding); raw distribution, temperature 1. For tests and diagnostics."""
+        sequences = split_sequences(batch)
+        values = self.engine.score(sequences)
+        return scatter_response_values(values, [1] * len(values), tuple(batch["input_ids"].shape))
+
+    # ---- weights ------------------------------------------------------------------------------------
+    def _load(self, weights: WeightIter) -> float:
+        start = time.perf_counter()
+        self.engine.load_weights(weights)
+        elapsed = time.perf_counter() - start
+        self._stats["num_weight_updates"] += 1
+        self._stats["last_update_s"] = elapsed
+        return elapsed
+
+    def update_weights_from_store(self, refs: list[ray.ObjectRef]) -> None:
+        """Object-store transport: `refs[0]` holds `{HF name: numpy array}` (`named_weights_numpy`); it
+        comes in a list so that Ray hands over the reference, and this engine reads it zero-copy."""
+        weights = ray.get(refs[0])
+        self._load(_numpy_weights(weights))
+
+    def open_broadcast(
+        self,
+        addr: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        manifest: list[ManifestEntry],
+        timeout_s: float = 600.0,
+    ) -> None:
+        """Join the side group of the broadcast transport as `rank` (1..world_size-1), concurrently with
+        the sender's `connect`. `manifest` (`weight_manifest` of the trainer's model) fixes what each
+        `receive_broadcast` expects; `timeout_s` bounds every wait on the sender."""
+        if self._receiver is not None:
+            self._receiver.close()
+        self._receiver = BroadcastReceiver(addr, port, rank, world_size, timeout_s)
+        self._receiver.connect()
+        self._manifest = [(n, tuple(s), d) for n, s, d in manifest]
+
+    def receive_broadcast(self) -> None:
+        """Receive one sync (concurrently with the sender's `send`) and reload the weights."""
+        if self._receiver is None:
+            raise RuntimeError("receive_broadcast: call open_broadcast first")
+        self._load(self._receiver.receive(self._manifest))
+
+    def close_broadcast(self) -> None:
+        if self._receiver is not None:
+            self._receiver.close()
+            self._receiver = None
+
+    # ---- counters -----------------------------------------------------------------------------------
+    def num_generated_tokens(self) -> int:
+        return int(self._stats["num_generated_tokens"])
+
+    def stats(self) -> dict[str, float]:
+        """Counters since start: tokens, sequences, generation seconds, weight updates and the last one's
+        duration (seconds)."""
+        return dict(self._stats)

@@ -1,0 +1,157 @@
+"""What weight sync sends (HF names, tied head dropped, bf16 as fp32), the bucket layout, and the gloo
+broadcast side group between real processes (no Ray): round trips, buffer reuse, mismatch detection."""
+
+import multiprocessing as mp
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from rlhf_ray.weight_sync import (
+    BroadcastReceiver,
+    BroadcastSender,
+    WeightSyncError,
+    bucket_layout,
+    named_weights,
+    named_weights_numpy,
+    weight_manifest,
+)
+
+
+def load_causal_lm(*args, **kwargs):
+    # imported lazily: the spawned receivers import this module, and transformers costs them seconds
+    from rlhf_ray.models import load_causal_lm as load
+
+    return load(*args, **kwargs)
+
+
+def test_named_weights_numpy_drops_tied_head_and_copies(tiny_model_dir):
+    model = load_causal_lm(tiny_model_dir, trainable=False)
+    weights = named_weights_numpy(model)
+    state = model.state_dict()
+    assert model.config.tie_word_embeddings
+    assert set(weights) == set(state) - {"lm_head.weight"}
+    for name, array in weights.items():
+        assert torch.equal(torch.from_numpy(array), state[name]), name
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(1.0)
+    assert not torch.equal(
+        torch.from_numpy(weights["model.embed_tokens.weight"]), model.model.embed_tokens.weight
+    )
+    manifest = weight_manifest(model)
+    assert [n for n, _, _ in manifest] == list(weights)
+    assert all(tuple(weights[n].shape) == s and d == "float32" for n, s, d in manifest)
+    assert [n for n, _ in named_weights(model)] == list(weights)
+
+
+def test_named_weights_numpy_bf16_becomes_float32(tiny_model_dir):
+    model = load_causal_lm(tiny_model_dir, dtype=torch.bfloat16, trainable=False)
+    weights = named_weights_numpy(model)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert weights[name].dtype.name == "float32"
+    assert torch.equal(torch.from_numpy(weights[name]), model.get_parameter(name).float())
+    assert {d for _, _, d in weight_manifest(model)} == {"bfloat16"}
+
+
+def test_bucket_layout():
+    manifest = [
+        ("a", (2, 3), "float32"),  # 24 B
+        ("b", (4,), "float32"),  # 16 B
+        ("c", (10,), "float32"),  # 40 B: does not fit with a+b in 64 B
+        ("d", (3,), "bfloat16"),  # dtype change: new bucket
+        ("e", (100,), "bfloat16"),  # larger than a bucket: alone
+    ]
+    layout = bucket_layout(manifest, bucket_bytes=64)
+    assert [(b.dtype, b.numel, b.entries) for b in layout] == [
+        (torch.float32, 10, (("a", (2, 3), 0), ("b", (4,), 6))),
+        (torch.float32, 10, (("c", (10,), 0),)),
+        (torch.bfloat16, 3, (("d", (3,), 0),)),
+        (torch.bfloat16, 100, (("e", (100,), 0),)),
+    ]
+
+
+def _tensors(scale: float) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    return {
+        "w1": torch.randn(33, 7, generator=gen) * scale,
+        "w2": (torch.randn(130, generator=gen) * scale).to(torch.bfloat16),
+        "w3": torch.randn(5, 5, generator=gen) * scale,
+    }
+
+
+def _manifest(tensors):
+    return [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in tensors.items()]
+
+
+def _receiver(addr, port, rank, world, queue, corrupt_last_round):
+    try:
+        recv = BroadcastReceiver(addr, port, rank, world, timeout_s=60, bucket_bytes=256)
+        recv.connect()
+        manifest = _manifest(_tensors(1.0))
+        buffers = set()
+        for round_ in range(3):
+            if round_ == 2 and corrupt_last_round:
+                manifest = manifest[:-1]
+            try:
+                got = {}
+                for name, t in recv.receive(manifest):
+                    buffers.add(t.untyped_storage().data_ptr())
+                    got[name] = t.clone()
+                queue.put((rank, round_, got, len(buffers)))
+            except WeightSyncError as exc:
+                queue.put((rank, round_, str(exc), len(buffers)))
+        queue.put((rank, "default", dist.is_initialized(), 0))
+        recv.close()
+    except Exception as exc:  # pragma: no cover - surfaced by the parent
+        queue.put((rank, "crash", repr(exc), 0))
+
+
+@pytest.mark.slow  # spawns two torch processes (10-20 s on 2 busy cores)
+def test_broadcast_round_trip_between_processes():
+    ctx = mp.get_context("spawn")
+    sender = BroadcastSender(bucket_bytes=256)
+    addr, port = sender.open(3, timeout_s=60)
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_receiver, args=(addr, port, r, 3, queue, r == 2)) for r in (1, 2)]
+    for p in procs:
+        p.start()
+    try:
+        sender.connect()
+        for round_ in range(2):
+            sent = sender.send(_tensors(1.0 + round_))
+            assert sent == 33 * 7 * 4 + 130 * 2 + 25 * 4
+        with pytest.raises(WeightSyncError, match="a receiver's manifest differs"):
+            sender.send(_tensors(3.0))
+        results = [queue.get(timeout=60) for _ in range(8)]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+        sender.close()
+    by_key = {(r, k): (v, n) for r, k, v, n in results}
+    assert not [v for (r, k), (v, _) in by_key.items() if k == "crash"], by_key
+    for rank in (1, 2):
+        for round_ in range(2):
+            got, n_buffers = by_key[(rank, round_)]
+            want = _tensors(1.0 + round_)
+            assert set(got) == set(want)
+            for name in want:
+                assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name])
+            assert n_buffers == 3  # one buffer per bucket (w1, w2 bf16, w3), reused in round 2
+        assert by_key[(rank, "default")][0] is False
+    # a mismatch anywhere fails every rank, before any payload moves, and each says who disagreed
+    assert "another receiver's manifest differs" in by_key[(1, 2)][0]
+    assert "2 tensors expected here" in by_key[(2, 2)][0] and "rank 0 sends 3" in by_key[(2, 2)][0]
+    assert not dist.is_initialized()
+
+
+def test_receiver_without_sender_fails_clearly():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(WeightSyncError, match=rf"cannot reach the sender's store at 127.0.0.1:{port}"):
+        BroadcastReceiver("127.0.0.1", port, 1, 2, timeout_s=1).connect()
+    with pytest.raises(WeightSyncError, match="rank=0 must be in 1..1"):
+        BroadcastReceiver("127.0.0.1", port, 0, 2)
+    with pytest.raises(WeightSyncError, match="call open"):
+        BroadcastSender().connect()
