@@ -17,6 +17,8 @@ and drops its prefix cache (cached keys/values were computed with the old weight
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 import time
 import warnings
@@ -122,12 +124,34 @@ class VLLMGenerator:
                 "in-place weight update needs vLLM's engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 "
                 "and rollout.tensor_parallel_size=1); use more engines (rollout.num_engines) instead of TP"
             )
-        worker.reload_weights(weights_iterator=iter(weights))
+        with _quiet_tied_head_warnings():
+            worker.reload_weights(weights_iterator=iter(weights))
         model = worker.model_runner.model
         if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
             model.lm_head.weight = model.model.embed_tokens.weight
             model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
         self.llm.reset_prefix_cache()
+
+
+@contextlib.contextmanager
+def _quiet_tied_head_warnings() -> Iterator[None]:
+    """vLLM warns "<Layer>: Failed to load weights" for the tied head and rotary buffers we deliberately do
+    not send (the head is re-tied right after); hide exactly those lines, once per update."""
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Failed to load weights" not in record.getMessage()
+
+    flt = _Filter()
+    loggers = [logging.getLogger(n) for n in logging.root.manager.loggerDict if n.startswith("vllm")]
+    handlers = {h for lg in [*loggers, logging.getLogger()] for h in lg.handlers}
+    for h in handlers:
+        h.addFilter(flt)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(flt)
 
 
 class HFGenerator:

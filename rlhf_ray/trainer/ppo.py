@@ -121,9 +121,7 @@ class PPOTrainer:
         finally:
             logger.close()
         policy_dir = self.out / "policy"
-        wait_for(
-            {"policy trainer": self.roles.policy.save_pretrained(str(policy_dir))}, cfg.run.call_timeout_s
-        )
+        self.roles.policy.save_pretrained(str(policy_dir), cfg.run.call_timeout_s)
         plot = plot_metrics(logger.path, self.out / "curves.png")
         return {
             "output_dir": str(self.out),
@@ -240,10 +238,9 @@ class PPOTrainer:
         roles, timeout = self.roles, self.cfg.run.call_timeout_s
 
         def write(tmp: Path) -> None:
-            refs = {"policy trainer": roles.policy.save_checkpoint(str(tmp / "policy"))}
+            roles.policy.save_checkpoint(str(tmp / "policy"), timeout)
             if roles.critic is not None:
-                refs["critic trainer"] = roles.critic.save_checkpoint(str(tmp / "critic"))
-            wait_for(refs, timeout)
+                roles.critic.save_checkpoint(str(tmp / "critic"), timeout)
             state = DriverState(
                 step=self.step,
                 kl=self.kl_ctl.state_dict(),
@@ -257,10 +254,9 @@ class PPOTrainer:
     def restore(self, path: Path) -> None:
         manifest = self.ckpt.verify(path)
         roles, timeout = self.roles, self.cfg.run.call_timeout_s
-        refs = {"policy trainer": roles.policy.load_checkpoint(str(path / "policy"))}
+        roles.policy.load_checkpoint(str(path / "policy"), timeout)
         if roles.critic is not None:
-            refs["critic trainer"] = roles.critic.load_checkpoint(str(path / "critic"))
-        wait_for(refs, timeout)
+            roles.critic.load_checkpoint(str(path / "critic"), timeout)
         state = json.loads((path / STATE_FILE).read_text())
         self.step = state["step"]
         self.kl_ctl.load_state_dict(state["kl"])

@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+
 from actors.critic_trainer import CriticTrainer
+from actors.placement import RolePlan, plan_placement
 from actors.policy_trainer import PolicyTrainer
 from actors.reference import ReferenceModel
 from actors.reward import RewardModel
 from actors.rollout import RolloutEngine
-
-from actors.placement import RolePlan, plan_placement
 from rlhf_ray.config import RLHFConfig
 
 
@@ -46,11 +46,12 @@ def needs_critic(cfg: RLHFConfig) -> bool:
 
 def start_roles(cfg: RLHFConfig) -> Roles:
     plan = plan_placement(cfg, needs_critic(cfg))
-    engines = [RolloutEngine.options(**opts).remote(cfg) for opts in plan.rollout]
+    engines = [RolloutEngine.options(**opts).remote(cfg, rank=i) for i, opts in enumerate(plan.rollout)]
     reference = ReferenceModel.options(**plan.reference).remote(cfg)
     reward = RewardModel.options(**plan.reward).remote(cfg)
-    policy = PolicyTrainer(cfg, options_per_rank=plan.policy)
-    critic = CriticTrainer(cfg, options_per_rank=plan.critic) if needs_critic(cfg) else None
+    timeout = cfg.run.call_timeout_s
+    policy = PolicyTrainer(cfg, options_per_rank=plan.policy, init_timeout=timeout)
+    critic = CriticTrainer(cfg, options_per_rank=plan.critic, init_timeout=timeout) if needs_critic(cfg) else None
     roles = Roles(cfg, plan, policy, critic, engines, reference, reward)
     # Every actor answers once before the first step, so a role that cannot start fails here by name.
     wait_for(

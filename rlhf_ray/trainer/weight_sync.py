@@ -3,7 +3,7 @@
 - `ObjectStoreSync` (default, works everywhere): policy rank 0 puts a dict of numpy arrays in the object
   store (gathered first under ZeRO-3); every engine gets it zero-copy and reloads in place.
 - `BroadcastSync`: a torch.distributed side group from policy rank 0 to the engines (gloo on CPU, NCCL
-  on GPU), opened once and reused; every sync broadcasts the parameters tensor by tensor.
+  on GPU), opened once and reused; every sync broadcasts the parameters in flat buckets.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ class ObjectStoreSync:
         self.roles, self.timeout = roles, timeout_s
 
     def sync(self) -> None:
-        exported = wait_for({"policy trainer (export)": self.roles.policy.export_weights()}, self.timeout)
-        refs = exported["policy trainer (export)"]
+        refs = self.roles.policy.export_weights(self.timeout)  # [ref] of rank 0's numpy dict, not fetched
         wait_for(
             {
                 f"rollout engine {i}": e.update_weights_from_store.remote(refs)
@@ -33,8 +32,8 @@ class BroadcastSync:
     def __init__(self, roles: Roles, timeout_s: float):
         self.roles, self.timeout = roles, timeout_s
         world = 1 + len(roles.engines)
-        opened = wait_for({"policy trainer (open)": roles.policy.open_broadcast(world)}, timeout_s)
-        addr, port, manifest = opened["policy trainer (open)"]
+        addr, port = roles.policy.open_broadcast(world, timeout_s)
+        manifest = roles.policy.weight_manifest(timeout_s)
         joins = {
             f"rollout engine {i}": e.open_broadcast.remote(addr, port, i + 1, world, manifest)
             for i, e in enumerate(roles.engines)
@@ -46,7 +45,7 @@ class BroadcastSync:
         calls = {
             f"rollout engine {i}": e.receive_broadcast.remote() for i, e in enumerate(self.roles.engines)
         }
-        calls["policy trainer (broadcast)"] = self.roles.policy.broadcast_weights()
+        calls |= {f"policy rank {i}": r for i, r in enumerate(self.roles.policy.broadcast_weights())}
         wait_for(calls, self.timeout)
 
 

@@ -1,0 +1,115 @@
+"""The RL stage end to end: real Ray actors, vLLM rollouts, DeepSpeed ranks, on a tiny model.
+
+The policy starts from a random tiny model and learns the dense `digit_shaped_reward` of the synthetic
+task (answers made of digits, of the right length): the mean reward must rise clearly over the run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rlhf_ray.config import RLHFConfig
+from rlhf_ray.data.synthetic import write_task
+from rlhf_ray.metrics import read_metrics
+from rlhf_ray.trainer.ppo import PPOTrainer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return write_task(
+        tmp_path_factory.mktemp("task"), seed=0, n_demos=10, n_train_prompts=400, n_eval_prompts=32
+    )
+
+
+def tiny_rl_config(model_dir, task, out, **sections) -> RLHFConfig:
+    base = {
+        "model": {"policy_path": str(model_dir), "dtype": "float32"},
+        "data": {
+            "train_path": str(task["prompts"]),
+            "eval_path": str(task["eval_prompts"]),
+            "max_prompt_len": 16,
+        },
+        "rollout": {"engine": "vllm", "max_new_tokens": 8, "samples_per_prompt": 4, "kv_cache_gib": 0.125},
+        "algorithm": {"estimator": "grpo", "kl_coef": 0.01, "mini_batch_size": 32},
+        "trainer": {"num_ranks": 2, "zero_stage": 2, "lr": 2e-3, "micro_batch_size": 16},
+        "reward": {"kind": "rule", "function": "rlhf_ray.data.synthetic:digit_shaped_reward"},
+        "run": {
+            "output_dir": str(out),
+            "total_steps": 40,
+            "prompts_per_step": 8,
+            "eval_prompts": 16,
+            "eval_function": "rlhf_ray.data.synthetic:gold_reward",
+        },
+        "logging": {"progress_bar": False},
+        "checkpoint": {"interval": 0},
+    }
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    return RLHFConfig.from_dict(base)
+
+
+def learning_curve(out) -> tuple[float, float]:
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward/mean" in r]
+    rewards = [r["reward/mean"] for r in rows]
+    return float(np.mean(rewards[:5])), float(np.mean(rewards[-5:]))
+
+
+@pytest.mark.parametrize(
+    ("estimator", "zero_stage"),
+    [("grpo", 2), ("gae", 3)],
+)
+def test_rl_improves_reward(ray_local, tiny_model_dir, task, tmp_path, estimator, zero_stage):
+    cfg = tiny_rl_config(
+        tiny_model_dir,
+        task,
+        tmp_path / "run",
+        algorithm={"estimator": estimator, "kl_coef": 0.01, "mini_batch_size": 32},
+        trainer={
+            "num_ranks": 2,
+            "zero_stage": zero_stage,
+            "lr": 2e-3,
+            "critic_lr": 2e-3,
+            "micro_batch_size": 16,
+        },
+    )
+    trainer = PPOTrainer(cfg)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.shutdown()
+    first, last = learning_curve(tmp_path / "run")
+    print(f"{estimator} zero{zero_stage}: reward {first:.3f} -> {last:.3f}")
+    # measured (seed 0): grpo 0.46 -> 0.63, gae 0.48 -> 0.62; the step-to-step std of the mean is ~0.07
+    assert last > first + 0.1, (first, last)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    step_rows = [r for r in rows if "time/step" in r]
+    assert len(step_rows) == 40
+    for key in (
+        "kl",
+        "policy/clip_frac",
+        "policy/approx_kl",
+        "policy/entropy",
+        "tokens_per_s",
+        "time/generate",
+        "time/train",
+        "time/sync",
+        "time/overhead",
+        "advantage/mean",
+        "response_length/mean",
+    ):
+        assert key in step_rows[-1], key
+    if estimator == "gae":
+        assert "critic/value_loss" in step_rows[-1]
+    assert "eval/gold" in rows[0] and "eval/gold" in rows[-1]
+    # after every sync the engine samples from the trainer's weights: their log-probs agree
+    assert max(r["rollout_vs_trainer_logprob_diff"] for r in step_rows) < 1e-3
+    # the final policy is an HF directory vLLM and transformers can load
+    assert (tmp_path / "run" / "policy" / "config.json").is_file()
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "run" / "config.yaml").read_text())["algorithm"]["estimator"] == estimator
+    assert summary["policy"].endswith("policy")
