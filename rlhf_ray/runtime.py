@@ -82,6 +82,7 @@ def runtime_env_vars() -> dict[str, str]:
         "TOKENIZERS_PARALLELISM",
         "RAY_USAGE_STATS_ENABLED",
         "VLLM_ENABLE_V1_MULTIPROCESSING",
+        "VLLM_LOGGING_LEVEL",
         "DS_ACCELERATOR",
     ]
     return {k: os.environ[k] for k in keys if k in os.environ}
