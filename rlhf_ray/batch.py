@@ -125,10 +125,14 @@ class Batch:
         return (_rebuild_batch, (arrays, dtypes, self.meta))
 
 
+REBUILDS = {"count": 0}  # batches deserialised in this process (tests check the driver never does it)
+
+
 def _rebuild_batch(
     arrays: dict[str, np.ndarray], dtypes: dict[str, str], meta: dict[str, list[Any]]
 ) -> Batch:
     # Arrays out of the object store are read-only views; copy so that roles may modify their batch.
+    REBUILDS["count"] += 1
     tensors = {
         k: torch.from_numpy(np.array(a, copy=True)).to(getattr(torch, dtypes[k])) for k, a in arrays.items()
     }

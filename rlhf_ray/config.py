@@ -142,7 +142,9 @@ class RunConfig:
     eval_interval: int = 0  # steps; 0: only at the end
     eval_prompts: int = 64
     eval_greedy: bool = True
-    eval_function: str | None = None  # 'module:function' scoring eval responses besides the reward (e.g. a gold score)
+    eval_function: str | None = (
+        None  # 'module:function' scoring eval responses besides the reward (e.g. a gold score)
+    )
     call_timeout_s: float = 1800.0  # longest wait for any role's answer before the run fails naming that role
 
 

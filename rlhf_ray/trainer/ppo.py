@@ -146,7 +146,7 @@ class PPOTrainer:
             if len(idx)
         ]
         rollout = concat_batches.remote(*parts)
-        wait_for({"rollout engines": rollout}, timeout)
+        wait_for({"rollout engines": rollout}, timeout, fetch=False)
         times["time/generate"] = time.perf_counter() - t0
 
         # Reference, reward, policy log-probs (and values) from the same rollout ref, in parallel.
@@ -211,10 +211,13 @@ class PPOTrainer:
         pending, done = list(named.values()), {}
         while pending:
             ready, pending = ray.wait(
-                pending, num_returns=1, timeout=max(timeout - (time.perf_counter() - start), 0)
+                pending,
+                num_returns=1,
+                timeout=max(timeout - (time.perf_counter() - start), 0),
+                fetch_local=False,
             )
             if not ready:
-                wait_for({names[r]: r for r in pending}, 0.001)  # raises, naming the late roles
+                wait_for({names[r]: r for r in pending}, 0.001, fetch=False)  # raises, naming the late roles
             done[names[ready[0]]] = time.perf_counter() - start
         key = {
             "reference model": "reference",

@@ -51,7 +51,9 @@ def start_roles(cfg: RLHFConfig) -> Roles:
     reward = RewardModel.options(**plan.reward).remote(cfg)
     timeout = cfg.run.call_timeout_s
     policy = PolicyTrainer(cfg, options_per_rank=plan.policy, init_timeout=timeout)
-    critic = CriticTrainer(cfg, options_per_rank=plan.critic, init_timeout=timeout) if needs_critic(cfg) else None
+    critic = (
+        CriticTrainer(cfg, options_per_rank=plan.critic, init_timeout=timeout) if needs_critic(cfg) else None
+    )
     roles = Roles(cfg, plan, policy, critic, engines, reference, reward)
     # Every actor answers once before the first step, so a role that cannot start fails here by name.
     wait_for(
@@ -62,15 +64,18 @@ def start_roles(cfg: RLHFConfig) -> Roles:
     return roles
 
 
-def wait_for(named_refs: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """`ray.get` of several refs with one deadline; on timeout, name the roles that did not answer."""
+def wait_for(named_refs: dict[str, Any], timeout_s: float, fetch: bool = True) -> dict[str, Any]:
+    """`ray.get` of several refs with one deadline; on timeout, name the roles that did not answer.
+    With `fetch=False` only wait until they are ready (for batches, which the driver must not pull)."""
     names = list(named_refs)
     refs = [named_refs[n] for n in names]
-    _ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    _ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s, fetch_local=fetch)
     if pending:
         late = [n for n, r in zip(names, refs) if r in pending]
         raise RoleTimeout(
             f"no answer within {timeout_s:.0f} s from: {', '.join(late)}. The actor may be hung or starved of "
             f"resources; check `ray status` and the actor logs, or raise run.call_timeout_s"
         )
+    if not fetch:
+        return dict(zip(names, refs))
     return dict(zip(names, ray.get(refs)))

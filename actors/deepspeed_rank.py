@@ -1,0 +1,357 @@
+"""One data-parallel rank holding a DeepSpeed engine (ZeRO 0-3): the shared part of the policy and critic
+ranks. Subclasses say which model to load, at which learning rate, and what a micro-batch's loss is.
+
+Batches: every rank receives the SAME batch (one ObjectRef) and takes its own contiguous shard
+(`batch.split(world)[rank]`). Every rank runs the same number of forward/backward passes, even when the
+shards differ in size by one sequence: ZeRO-2/3 reduce gradients during each backward and ZeRO-3 gathers
+parameters during each forward, so a rank that skipped one would hang its peers. A rank with nothing left
+for a pass runs it on a stand-in sequence with zero weight.
+
+Gradients: a mini-batch is split into micro-batches of at most `trainer.micro_batch_size` sequences; each
+micro-batch's loss is weighted by its share of the GLOBAL mini-batch (tokens for a token mean, sequences
+for a sequence mean, counted over all ranks with one all-reduce), times the world size because DeepSpeed
+averages gradients over ranks. The accumulated gradient is then exactly that of the whole mini-batch's
+loss, however it is cut into ranks and micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from torch import Tensor
+
+from rlhf_ray import runtime
+from rlhf_ray.batch import Batch
+from rlhf_ray.config import RLHFConfig
+
+LOSS_WEIGHT_KINDS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+# A micro-batch loss: (micro-batch on the device, its weight in the mini-batch loss) -> (weighted loss to
+# back-propagate, stats of the micro-batch as python floats)
+MicroLoss = Callable[[Batch, "LossWeights"], tuple[Tensor, dict[str, float]]]
+
+
+class LossWeights:
+    """The factors that turn a micro-batch's mean loss into its share of the global mini-batch's mean loss
+    (`world` included: DeepSpeed divides the summed gradients by the number of ranks)."""
+
+    def __init__(self, local: Tensor, total: Tensor, world: int, scale: float):
+        # local/total: [response tokens, rows with a response token, rows]
+        self._local, self._total, self._world, self._scale = local, total, world, scale
+
+    def __call__(self, agg: str) -> float:
+        i = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2}[agg]
+        total = float(self._total[i])
+        return 0.0 if total == 0 else self._scale * float(self._local[i]) * self._world / total
+
+    @property
+    def tokens(self) -> float:
+        """Response tokens of the micro-batch that count (0 for a stand-in pass); weights its stats."""
+        return self._scale * float(self._local[0])
+
+
+def _counts(batch: Batch) -> Tensor:
+    mask = batch["response_mask"]
+    return torch.tensor(
+        [float(mask.sum()), float((mask != 0).any(dim=1).sum()), float(len(batch))], dtype=torch.float64
+    )
+
+
+def _pad_to(x: Tensor, width: int) -> Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class DeepSpeedRank:
+    """Base of the trainer ranks (a plain class; `WorkerGroup` makes it a Ray actor)."""
+
+    def __init__(
+        self, cfg: RLHFConfig, rank: int, world: int, addr: str | None = None, port: int | None = None
+    ):
+        runtime.setup_process_env()
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") if ray.is_initialized() else None
+        self.num_threads = runtime.set_threads(cpus)
+        if rank == 0 and (addr is None or port is None):
+            addr, port = ray.util.get_node_ip_address(), _free_port()
+        if addr is None or port is None:
+            raise ValueError(
+                f"rank {rank}: MASTER_ADDR/MASTER_PORT missing; ask rank 0 for master_address() first"
+            )
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.addr, self.port = addr, int(port)
+        os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+        self.engine = None
+        self.train_calls = 0  # seeds the shuffling; saved in checkpoints
+        self._broadcast = None
+        self._tokenizer = None
+
+    # ---- to override ---------------------------------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def learning_rate(self) -> float:
+        return self.cfg.trainer.lr
+
+    # ---- start-up ------------------------------------------------------------------------------
+    def master_address(self) -> tuple[str, int]:
+        return self.addr, self.port
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def init(self, local_rank: int = 0, local_size: int = 1) -> None:
+        """Join the torch.distributed world and build the engine (collective: all ranks at once)."""
+        # Not LOCAL_SIZE: with LOCAL_SIZE == world, DeepSpeed's CPU backend maps a 66 MB /dev/shm buffer per
+        # rank (for inference all-reduce, unused in training) that outlives a killed actor.
+        os.environ.update(LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local_size))
+        import deepspeed  # after setup_process_env: DS_ACCELERATOR and TORCH_EXTENSIONS_DIR are read on import
+
+        from rlhf_ray.deepspeed_config import deepspeed_config
+
+        deepspeed.init_distributed(dist_backend=runtime.dist_backend(), auto_mpi_discovery=False)
+        tcfg = self.cfg.trainer
+        self.device = runtime.device()
+        self.dtype = runtime.resolve_dtype(self.cfg.model.dtype)
+        self.stage = tcfg.zero_stage
+        torch.manual_seed(self.cfg.run.seed)
+        model = self.build_model()
+        if tcfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [  # no weight decay on norms and biases
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.learning_rate())
+        warmup = tcfg.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        )
+        ds_config = deepspeed_config(tcfg, self.dtype, tcfg.micro_batch_size, self.micro_batches_per_step())
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config,
+            # the device index within what this process sees (Ray gives each rank its own GPU set)
+            args=SimpleNamespace(device_rank=self.device.index or 0),
+        )
+
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches per optimiser step when the batch splits evenly (DeepSpeed's bookkeeping only)."""
+        per_rank = max(1, self.cfg.algorithm.mini_batch_size // self.world)
+        return math.ceil(per_rank / self.cfg.trainer.micro_batch_size)
+
+    # ---- sharding and micro-batching -----------------------------------------------------------
+    def _shard(self, batch: Batch) -> tuple[Batch, int]:
+        """This rank's shard and the largest shard of any rank (what sets the number of passes)."""
+        shards = batch.split(self.world)
+        return shards[self.rank], max(len(s) for s in shards)
+
+    @torch.no_grad()
+    def _infer(self, batch: Batch, fn: Callable[[Batch], dict[str, Tensor]]) -> Batch:
+        """Per-token outputs of `fn` on this rank's shard, `[len(shard), T]` fp32 on the CPU."""
+        if len(batch) == 0:
+            return Batch()
+        self.engine.eval()
+        shard, max_shard = self._shard(batch)
+        width = batch.seq_len
+        n_micro = math.ceil(max_shard / self.cfg.trainer.micro_batch_size)
+        out: dict[str, list[Tensor]] = defaultdict(list)
+        for part in shard.split(n_micro):
+            if len(part) == 0:
+                if self.stage == 3:  # parameter gathers are collectives: keep in step with the peers
+                    fn(batch.select([0]).trim().to(self.device))
+                continue
+            for name, value in fn(part.trim().to(self.device)).items():
+                out[name].append(_pad_to(value.detach().float().cpu(), width))
+        if not out:
+            return Batch()
+        return Batch({name: torch.cat(parts) for name, parts in out.items()})
+
+    def _global_counts(self, mini: Batch) -> Tensor:
+        local = _counts(mini)
+        if self.world == 1:
+            return local
+        import torch.distributed as dist
+
+        total = local.to(self.device)
+        dist.all_reduce(total)
+        return total.cpu()
+
+    def _train(self, batch: Batch, micro_loss: MicroLoss) -> dict[str, float]:
+        """PPO epochs over this rank's shard: shuffled (seeded) mini-batches of
+        `algorithm.mini_batch_size // world` sequences, one optimiser step each, accumulated over
+        micro-batches. Returns token-weighted means of the micro-batch stats (maxima for `*_max`), and the
+        mean `grad_norm` and `lr` of the optimiser steps."""
+        if len(batch) == 0:
+            raise ValueError("train: the batch is empty")
+        algo = self.cfg.algorithm
+        self.engine.train()
+        shard, max_shard = self._shard(batch)
+        n_mini = math.ceil(max_shard / max(1, algo.mini_batch_size // self.world))
+        n_micro = math.ceil(math.ceil(max_shard / n_mini) / self.cfg.trainer.micro_batch_size)
+        stand_in = batch.select([0])
+        sums: dict[str, float] = defaultdict(float)
+        peaks: dict[str, float] = {}  # stats named *_max are maxima, not means
+        weight = 0.0
+        step_stats: dict[str, list[float]] = defaultdict(list)
+        for epoch in range(algo.ppo_epochs):
+            order = np.random.default_rng([self.cfg.run.seed, self.train_calls, epoch, self.rank])
+            for mini in shard.select(order.permutation(len(shard)).tolist()).split(n_mini):
+                total = self._global_counts(mini)
+                for i, part in enumerate(mini.split(n_micro)):
+                    scale = 1.0
+                    if len(part) == 0:  # nothing left here: a zero-weight pass keeps the ranks in step
+                        part, scale = stand_in, 0.0
+                    part = part.trim().to(self.device)
+                    weights = LossWeights(_counts(part), total, self.world, scale)
+                    boundary = i == n_micro - 1
+                    self.engine.set_gradient_accumulation_boundary(boundary)
+                    loss, stats = micro_loss(part, weights)
+                    self.engine.backward(loss, scale_wrt_gas=False)
+                    if boundary:
+                        step_stats["lr"].append(float(self.engine.get_lr()[0]))
+                    self.engine.step()
+                    if weights.tokens > 0:
+                        for k, v in stats.items():
+                            if k.endswith("_max"):
+                                peaks[k] = max(peaks.get(k, v), v)
+                            else:
+                                sums[k] += weights.tokens * v
+                        weight += weights.tokens
+                norm = self.engine.get_global_grad_norm()
+                step_stats["grad_norm"].append(float(norm) if norm is not None else float("nan"))
+        self.train_calls += 1
+        out = {k: v / weight for k, v in sums.items()} if weight > 0 else {}
+        out.update(peaks)
+        out.update({k: float(np.mean(v)) for k, v in step_stats.items()})
+        return out
+
+    # ---- parameters ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _full_parameters(self) -> Iterator[torch.nn.Module]:
+        """The HF model with whole parameters (ZeRO-3: gathered on every rank; a collective)."""
+        model = self.engine.module
+        if self.stage != 3:
+            yield model
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield model
+
+    def export_weights(self) -> list[ray.ObjectRef] | None:
+        """Rank 0: `[ray.put({hf_name: numpy array})]` (a list, so Ray passes the ref on unresolved); the
+        other ranks None. Every rank must call it (under ZeRO-3 the gather is a collective)."""
+        from rlhf_ray.weight_sync import named_weights_numpy
+
+        with self._full_parameters() as model:
+            weights = named_weights_numpy(model) if self.rank == 0 else None
+        return [ray.put(weights)] if weights is not None else None
+
+    def weight_manifest(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """`[(hf_name, shape, dtype)]` of what `broadcast_weights` sends, for the receivers."""
+        from rlhf_ray.weight_sync import weight_manifest
+
+        return weight_manifest(self.engine.module)
+
+    def open_broadcast(self, world_size: int, timeout_s: float = 600.0) -> tuple[str, int] | None:
+        """Rank 0: start the broadcast side group's store (sender = group rank 0); returns its (addr, port)."""
+        if self.rank != 0:
+            return None
+        from rlhf_ray.weight_sync import BroadcastSender
+
+        self.close_broadcast()
+        self._broadcast = BroadcastSender()
+        return self._broadcast.open(world_size, timeout_s)
+
+    def connect_broadcast(self) -> None:
+        """Rank 0: join the side group (concurrently with the receivers' connect)."""
+        if self.rank == 0:
+            self._require_broadcast().connect()
+
+    def broadcast_weights(self) -> int | None:
+        """Send the weights to the receivers (concurrently with their receive). Every rank must call it
+        (under ZeRO-3 the gather is a collective); rank 0 sends and returns the bytes sent."""
+        from rlhf_ray.weight_sync import named_weights
+
+        sender = self._require_broadcast() if self.rank == 0 else None
+        with torch.no_grad(), self._full_parameters() as model:
+            return sender.send(named_weights(model)) if sender is not None else None
+
+    def close_broadcast(self) -> None:
+        if self._broadcast is not None:
+            self._broadcast.close()
+            self._broadcast = None
+
+    def _require_broadcast(self):
+        if self._broadcast is None:
+            raise RuntimeError(
+                "broadcast_weights: call open_broadcast() and connect_broadcast() on rank 0 first"
+            )
+        return self._broadcast
+
+    # ---- files ---------------------------------------------------------------------------------
+    def save_checkpoint(self, path: str) -> None:
+        """Model, optimiser, scheduler and this rank's training position under `path` (every rank calls)."""
+        self.engine.save_checkpoint(str(path), client_state={"train_calls": self.train_calls})
+
+    def load_checkpoint(self, path: str) -> None:
+        load_path, client = self.engine.load_checkpoint(
+            str(path), load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise FileNotFoundError(
+                f"rank {self.rank}: no DeepSpeed checkpoint under {str(path)!r} (expected a 'latest' file "
+                f"written by save_checkpoint)"
+            )
+        self.train_calls = int((client or {}).get("train_calls", 0))
+
+    def save_pretrained(self, path: str) -> str | None:
+        """Rank 0 writes an HF directory (model + tokenizer) atomically; every rank must call it (ZeRO-3
+        gathers the parameters first). A tied `lm_head.weight` is not written (transformers re-ties it)."""
+        from rlhf_ray.models import save_pretrained_atomic
+
+        with self._full_parameters() as model:
+            if self.rank != 0:
+                return None
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        return str(save_pretrained_atomic(_Frozen(model, state), self.tokenizer(), path))
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from rlhf_ray.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.cfg.model.tokenizer_path or self.cfg.model.policy_path)
+        return self._tokenizer
+
+    def ping(self) -> int:
+        return self.rank
+
+
+class _Frozen:
+    """`save_pretrained` of a model with a given state dict (taken while ZeRO-3 parameters were whole)."""
+
+    def __init__(self, model: Any, state: dict[str, Tensor]):
+        self._model, self._state = model, state
+
+    def save_pretrained(self, out_dir: str, **kwargs: Any) -> None:
+        self._model.save_pretrained(out_dir, state_dict=self._state, **kwargs)

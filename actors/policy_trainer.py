@@ -1,0 +1,114 @@
+"""The policy trainer: DeepSpeed ranks that score batches with the current policy (old log-probs) and
+optimise it with the clipped PPO objective, plus `PolicyTrainer`, the driver's handle on them.
+
+The math is `rlhf_ray.algorithms` (ppo_policy_loss, kl_estimate, masked_mean) and
+`rlhf_ray.models.sequence_logprobs`; this file only puts it on ranks and batches.
+"""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from actors.deepspeed_rank import DeepSpeedRank, LossWeights
+from actors.worker_group import TrainerHandle, as_ref, concat_batches, wait_all
+from rlhf_ray.algorithms import kl_estimate, masked_mean, ppo_policy_loss
+from rlhf_ray.batch import Batch
+from rlhf_ray.models import load_causal_lm, sequence_logprobs
+
+
+class PolicyRank(DeepSpeedRank):
+    """One rank of the policy (made a Ray actor by `WorkerGroup`)."""
+
+    def build_model(self) -> torch.nn.Module:
+        return load_causal_lm(self.cfg.model.policy_path, dtype=self.dtype, device=self.device)
+
+    def compute_logprobs(self, batch: Batch) -> Batch:
+        """This rank's shard scored by the current policy: `logprobs` and `entropy`, `[B_shard, T]`
+        (at the sampler's temperature, aligned as in `Batch`)."""
+
+        def score(part: Batch) -> dict[str, torch.Tensor]:
+            lp, ent = sequence_logprobs(
+                self.engine, part["input_ids"], part["attention_mask"], self.cfg.rollout.temperature, True
+            )
+            real = part["attention_mask"]  # padding holds 0, as position 0 does
+            return {"logprobs": lp * real, "entropy": ent * real}
+
+        return self._infer(batch, score)
+
+    def train(self, batch: Batch, kl_coef: float) -> dict[str, float]:
+        """PPO on this rank's shard of `batch` (fields input_ids, attention_mask, response_mask, logprobs,
+        advantages; ref_logprobs for the KL term). Stats: policy_loss, clip_frac, approx_kl, entropy,
+        kl_loss, grad_norm, lr (and the other diagnostics of `ppo_policy_loss`)."""
+        algo = self.cfg.algorithm
+        temperature = self.cfg.rollout.temperature
+
+        def micro_loss(part: Batch, weights: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
+            mask = part["response_mask"]
+            logprobs, entropy = sequence_logprobs(
+                self.engine, part["input_ids"], part["attention_mask"], temperature, with_entropy=True
+            )
+            pg_loss, stats = ppo_policy_loss(
+                logprobs,
+                part["logprobs"],
+                part["advantages"],
+                mask,
+                clip_eps=algo.clip_eps,
+                clip_eps_high=algo.clip_eps_high,
+                dual_clip=algo.dual_clip,
+                agg=algo.loss_agg,
+                max_len=self.cfg.rollout.max_new_tokens,  # seq-mean-token-sum: a constant, not the padded T
+            )
+            loss = weights(algo.loss_agg) * pg_loss
+            entropy_mean = masked_mean(entropy, mask)
+            if algo.entropy_coef:
+                loss = loss - algo.entropy_coef * weights("token-mean") * entropy_mean
+            kl = torch.zeros((), device=logprobs.device)
+            if "ref_logprobs" in part:
+                kl = masked_mean(kl_estimate(logprobs, part["ref_logprobs"], algo.kl_estimator), mask)
+                if algo.kl_in == "loss" and kl_coef:
+                    loss = loss + kl_coef * weights("token-mean") * kl
+            stats = {"policy_loss": stats.pop("pg_loss"), **stats}
+            stats.update(entropy=entropy_mean.item(), kl_loss=kl.item())
+            return loss, stats
+
+        return self._train(batch, micro_loss)
+
+
+class PolicyTrainer(TrainerHandle):
+    """Driver-side handle on the policy's worker group (`cfg.trainer.num_ranks` PolicyRank actors, one
+    `.options()` dict per rank from the placement module). Work on the ranks returns refs; the driver
+    never holds a batch. Blocking methods take `timeout` (seconds, None = no limit)."""
+
+    rank_cls = PolicyRank
+
+    def compute_logprobs(self, batch_ref: ray.ObjectRef | Batch) -> ray.ObjectRef:
+        """Ref of a Batch with `logprobs` and `entropy` for every sample of `batch_ref`, in order."""
+        return concat_batches.remote(*self.group.call("compute_logprobs", as_ref(batch_ref)))
+
+    def train(self, batch_ref: ray.ObjectRef | Batch, kl_coef: float) -> list[ray.ObjectRef]:
+        """One PPO update (algorithm.ppo_epochs over mini-batches); refs of the per-rank stats dicts
+        (average them with `actors.worker_group.average_stats`)."""
+        return self.group.call("train", as_ref(batch_ref), float(kl_coef))
+
+    # ---- broadcast transport (rlhf_ray.weight_sync): trainer rank 0 is rank 0 of the side group
+    def weight_manifest(self, timeout: float | None = None) -> list[tuple[str, tuple[int, ...], str]]:
+        """`[(hf_name, shape, dtype)]` the receivers must expect (what `broadcast_weights` sends)."""
+        return wait_all([self.group.call_rank0("weight_manifest")], timeout, "weight_manifest")[0]
+
+    def open_broadcast(self, world_size: int, timeout: float | None = None) -> tuple[str, int]:
+        """Start the side group's store on rank 0 (world_size = 1 + receivers); returns (addr, port)."""
+        ref = self.group.call_rank0("open_broadcast", world_size)
+        return wait_all([ref], timeout, "open_broadcast")[0]
+
+    def connect_broadcast(self) -> ray.ObjectRef:
+        """Ref of rank 0 joining the side group: `ray.get` it together with the receivers' connect."""
+        return self.group.call_rank0("connect_broadcast")
+
+    def broadcast_weights(self) -> list[ray.ObjectRef]:
+        """Refs of every rank's part of one send (ZeRO-3 gathers on all ranks, rank 0 sends; its ref holds
+        the bytes sent): `ray.get` them together with the receivers' receive."""
+        return self.group.call("broadcast_weights")
+
+    def close_broadcast(self, timeout: float | None = None) -> None:
+        wait_all([self.group.call_rank0("close_broadcast")], timeout, "close_broadcast")

@@ -1,0 +1,170 @@
+"""A group of N rank actors that form one torch.distributed world (DeepSpeed data-parallel ranks).
+
+Start-up: rank 0 is created first and picks its node address and a free port; the other ranks are then
+created with that (addr, port) as MASTER_ADDR/MASTER_PORT; finally every rank's `init(local_rank,
+local_size)` runs concurrently, since joining the process group (and building a DeepSpeed engine) is a
+collective. The per-rank Ray `.options()` (CPUs, GPUs, custom resources, placement-group strategy) come
+from the placement module; by default each rank asks for one CPU.
+
+The group moves references only: `call` returns one `ObjectRef` per rank and never waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from ray.actor import ActorClass, ActorHandle
+
+DEFAULT_RANK_OPTIONS: dict[str, Any] = {"num_cpus": 1}
+
+
+class WorkerGroupError(RuntimeError):
+    """A rank failed, or the group did not answer in time."""
+
+
+def wait_all(
+    refs: Sequence[ray.ObjectRef], timeout: float | None = None, what: str = "worker group call"
+) -> list:
+    """`ray.get` of every ref, failing fast: the first rank that raises aborts the wait (its peers may be
+    blocked in a collective forever), and `timeout` (seconds, None = no limit) bounds the whole wait."""
+    refs = list(refs)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = list(refs)
+    while pending:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not ready:
+            raise WorkerGroupError(
+                f"{what}: {len(pending)} of {len(refs)} ranks did not finish within {timeout} s "
+                f"(a rank may be stuck in a collective; pass a larger timeout or check the rank logs)"
+            )
+        ray.get(ready)  # raises the rank's own error
+    return ray.get(refs)
+
+
+@ray.remote(num_cpus=0)
+def concat_batches(*shards: Any) -> Any:
+    """The ranks' `Batch` shards (refs resolved by Ray) joined in rank order, off the driver."""
+    from rlhf_ray.batch import Batch
+
+    return Batch.concat(shards)
+
+
+def as_ref(value: Any) -> ray.ObjectRef:
+    """`value` itself when it is already a ref, else a ref to a copy put in the object store."""
+    return value if isinstance(value, ray.ObjectRef) else ray.put(value)
+
+
+def average_stats(stats: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Mean of each key over the per-rank stats dicts, max for keys named `*_max` (a key missing on a
+    rank is taken over the ranks that have it)."""
+    out = {}
+    for k in sorted({k for s in stats for k in s}):
+        values = [s[k] for s in stats if k in s]
+        out[k] = max(values) if k.endswith("_max") else sum(values) / len(values)
+    return out
+
+
+class WorkerGroup:
+    """`num_ranks` actors of `actor_cls`, constructed as `actor_cls(cfg, rank, world, addr, port)`, joined
+    into one torch.distributed world by their `init(local_rank, local_size)`.
+
+    `actor_cls` is a plain class (made a Ray actor here) or an `ActorClass`; it must provide
+    `master_address() -> (addr, port)` (rank 0), `node_id() -> str` and `init(local_rank, local_size)`,
+    as `actors.deepspeed_rank.DeepSpeedRank` does."""
+
+    def __init__(
+        self,
+        actor_cls: type | ActorClass,
+        cfg: Any,
+        num_ranks: int,
+        options_per_rank: list[dict[str, Any]] | None = None,
+        init_timeout: float | None = 1800.0,
+    ):
+        if num_ranks < 1:
+            raise WorkerGroupError(f"num_ranks={num_ranks}: a worker group needs at least one rank")
+        if options_per_rank is None:
+            options_per_rank = [dict(DEFAULT_RANK_OPTIONS) for _ in range(num_ranks)]
+        if len(options_per_rank) != num_ranks:
+            raise WorkerGroupError(
+                f"options_per_rank has {len(options_per_rank)} entries for num_ranks={num_ranks}: give one "
+                f"Ray .options() dict per rank"
+            )
+        if not isinstance(actor_cls, ActorClass):
+            actor_cls = ray.remote(actor_cls)
+        self.world_size = num_ranks
+        self.actors: list[ActorHandle] = []
+        try:
+            rank0 = actor_cls.options(**options_per_rank[0]).remote(cfg, 0, num_ranks, None, None)
+            self.actors.append(rank0)
+            addr, port = wait_all([rank0.master_address.remote()], init_timeout, "starting rank 0")[0]
+            for rank in range(1, num_ranks):
+                opts = options_per_rank[rank]
+                self.actors.append(actor_cls.options(**opts).remote(cfg, rank, num_ranks, addr, port))
+            nodes = wait_all(self.call("node_id"), init_timeout, "starting the ranks")
+            local = [(nodes[:r].count(n), nodes.count(n)) for r, n in enumerate(nodes)]
+            refs = [a.init.remote(lr, ls) for a, (lr, ls) in zip(self.actors, local)]
+            wait_all(refs, init_timeout, "initialising torch.distributed and the DeepSpeed engines")
+        except BaseException:
+            self.kill()
+            raise
+
+    def __len__(self) -> int:
+        return self.world_size
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        """Call `method(*args, **kwargs)` on every rank; one ref per rank, in rank order."""
+        if not self.actors:
+            raise WorkerGroupError(f"call({method!r}): the worker group was killed")
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def call_rank0(self, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+        if not self.actors:
+            raise WorkerGroupError(f"call_rank0({method!r}): the worker group was killed")
+        return getattr(self.actors[0], method).remote(*args, **kwargs)
+
+    def kill(self) -> None:
+        """End every rank's process (their resources return to Ray shortly after)."""
+        actors, self.actors = self.actors, []
+        for a in actors:
+            with contextlib.suppress(Exception):  # already dead
+                ray.kill(a, no_restart=True)
+
+
+class TrainerHandle:
+    """Driver-side handle on a worker group of `DeepSpeedRank`s (`rank_cls`): what the policy and the
+    critic have in common. Blocking methods take `timeout` (seconds, None = no limit)."""
+
+    rank_cls: type
+
+    def __init__(
+        self,
+        cfg: Any,
+        options_per_rank: list[dict[str, Any]] | None = None,
+        init_timeout: float | None = 1800.0,
+    ):
+        self.cfg = cfg
+        self.group = WorkerGroup(self.rank_cls, cfg, cfg.trainer.num_ranks, options_per_rank, init_timeout)
+
+    def export_weights(self, timeout: float | None = None) -> list[ray.ObjectRef]:
+        """`[ref]` of `{hf_name: numpy array}` from rank 0 (tied lm_head left out): the object-store weight
+        sync payload, passed on to the rollout engines without being fetched here."""
+        return wait_all(self.group.call("export_weights"), timeout, "export_weights")[0]
+
+    def save_checkpoint(self, path: str, timeout: float | None = None) -> None:
+        """DeepSpeed checkpoint (model, optimiser, scheduler, data position) under `path`, all ranks."""
+        wait_all(self.group.call("save_checkpoint", str(path)), timeout, "save_checkpoint")
+
+    def load_checkpoint(self, path: str, timeout: float | None = None) -> None:
+        wait_all(self.group.call("load_checkpoint", str(path)), timeout, "load_checkpoint")
+
+    def save_pretrained(self, path: str, timeout: float | None = None) -> str:
+        """An HF directory (model + tokenizer) written by rank 0; returns its path."""
+        return wait_all(self.group.call("save_pretrained", str(path)), timeout, "save_pretrained")[0]
+
+    def kill(self) -> None:
+        self.group.kill()

@@ -1,0 +1,291 @@
+"""The policy trainer on real Ray actors and real DeepSpeed (2 ranks, ZeRO-2 and ZeRO-3, tiny model, fp32).
+
+One scenario per ZeRO stage runs in a module fixture (starting a group is the slow part) and the tests
+check its facts: log-probs equal the driver's, the gradient equals the whole batch's, a PPO step raises
+the log-probs of tokens with positive advantages, the ranks agree, exported weights equal the saved HF
+directory, and a checkpoint loaded into a new group continues exactly like the group that saved it.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from actors.policy_trainer import PolicyTrainer
+from actors.worker_group import average_stats
+from rlhf_ray.algorithms import ppo_policy_loss
+from rlhf_ray.batch import Batch
+from rlhf_ray.config import RLHFConfig
+from rlhf_ray.models import load_causal_lm, sequence_logprobs
+from rlhf_ray.weight_sync import BroadcastReceiver, named_weights
+
+pytestmark = pytest.mark.slow
+
+B, T, PROMPT = 8, 12, 4
+TEMPERATURE = 0.9
+LOGPROB_TOL = 1e-5  # measured: <= 2.4e-7 between the ranks and the driver (fp32)
+
+
+def make_cfg(tiny_model_dir, **trainer) -> RLHFConfig:
+    return RLHFConfig.from_dict(
+        {
+            "model": {"policy_path": str(tiny_model_dir), "dtype": "float32"},
+            "trainer": {"num_ranks": 2, "micro_batch_size": 2, "lr": 1e-3, **trainer},
+            "algorithm": {"estimator": "gae", "mini_batch_size": B, "kl_estimator": "k3"},
+            "rollout": {"samples_per_prompt": 1, "temperature": TEMPERATURE, "max_new_tokens": T - PROMPT},
+            "run": {"prompts_per_step": B, "seed": 0},
+        }
+    )
+
+
+def make_batch(seed: int = 0) -> Batch:
+    """Prompts of PROMPT tokens, responses of 2..8 tokens (so ranks and micro-batches get different token
+    counts), right-padded; the vocabulary's non-special ids are 6..17."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(PROMPT + 2, T + 1, (B,), generator=g)
+    attention = (torch.arange(T)[None] < lengths[:, None]).long()
+    ids = torch.randint(6, 18, (B, T), generator=g) * attention
+    response = ((torch.arange(T)[None] >= PROMPT) & (attention == 1)).float()
+    return Batch({"input_ids": ids, "attention_mask": attention, "response_mask": response})
+
+
+def with_advantages(batch: Batch, old_logprobs: torch.Tensor) -> Batch:
+    """Advantage +1 on the first response token of every sequence, 0 elsewhere."""
+    adv = torch.zeros(B, T)
+    adv[:, PROMPT] = 1.0
+    fields = {
+        "logprobs": old_logprobs,
+        "ref_logprobs": old_logprobs,
+        "advantages": adv * batch["response_mask"],
+    }
+    return Batch(batch.tensors | fields)
+
+
+def full_weights_per_rank(trainer: PolicyTrainer) -> list[dict[str, torch.Tensor]]:
+    """Each rank's whole parameters (ZeRO-3: gathered on every rank, so all must enter)."""
+
+    def collect(rank):
+        with rank._full_parameters() as model:
+            return {k: v.detach().clone() for k, v in named_weights(model)}
+
+    return ray.get([a.__ray_call__.remote(collect) for a in trainer.group.actors])
+
+
+def local_numel(rank) -> tuple[int, int]:
+    """(elements this rank holds, elements of the model): ZeRO-3 keeps only a partition."""
+    params = list(rank.engine.module.parameters())
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return held, sum(getattr(p, "ds_numel", p.numel()) for p in params)
+
+
+def broadcast_once(trainer: PolicyTrainer) -> dict[str, torch.Tensor]:
+    """The broadcast transport to one receiver actor (a stand-in for a rollout engine)."""
+
+    @ray.remote(num_cpus=0)
+    class Receiver:
+        def connect(self, addr, port):
+            self.end = BroadcastReceiver(addr, port, rank=1, world_size=2, timeout_s=120)
+            self.end.connect()
+
+        def receive(self, manifest):
+            return {name: t.clone() for name, t in self.end.receive(manifest)}
+
+    receiver = Receiver.remote()
+    manifest = trainer.weight_manifest(timeout=60)
+    addr, port = trainer.open_broadcast(world_size=2, timeout=60)
+    ray.get([trainer.connect_broadcast(), receiver.connect.remote(addr, port)], timeout=120)
+    received = ray.get([*trainer.broadcast_weights(), receiver.receive.remote(manifest)], timeout=120)[-1]
+    trainer.close_broadcast(timeout=60)
+    ray.kill(receiver)
+    return received
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def scenario(request, ray_local, tiny_model_dir, tmp_path_factory):
+    """Score, one PPO step, checks, checkpoint, a second step; then the checkpoint is loaded and the second
+    step repeated: under ZeRO-3 in a NEW group (fresh processes), under ZeRO-2 in the same group (it has
+    moved on by then; one group start less keeps the module within its time budget)."""
+    stage = request.param
+    tmp = tmp_path_factory.mktemp(f"policy-zero{stage}")
+    cfg = make_cfg(tiny_model_dir, zero_stage=stage)
+    batch = make_batch()
+    facts: dict = {"stage": stage, "batch": batch}
+
+    trainer = PolicyTrainer(cfg)
+    try:
+        facts["before"] = ray.get(trainer.compute_logprobs(ray.put(batch)), timeout=120)
+        step1 = with_advantages(batch, facts["before"]["logprobs"])
+        facts["step1"] = step1
+        facts["stats1"] = ray.get(trainer.train(ray.put(step1), kl_coef=0.1), timeout=300)
+        facts["after"] = ray.get(trainer.compute_logprobs(batch), timeout=120)
+        facts["rank_weights"] = full_weights_per_rank(trainer)
+        facts["exported"] = ray.get(trainer.export_weights(timeout=120)[0], timeout=60)
+        facts["broadcast"] = broadcast_once(trainer)
+        facts["local_numel"] = ray.get(
+            [a.__ray_call__.remote(local_numel) for a in trainer.group.actors], timeout=60
+        )
+        facts["saved_dir"] = trainer.save_pretrained(str(tmp / "hf"), timeout=120)
+        trainer.save_checkpoint(str(tmp / "ckpt"), timeout=300)
+        # second step: new old-log-probs, the reference stays the initial policy (a live KL term)
+        step2 = with_advantages(batch, facts["after"]["logprobs"])
+        step2["ref_logprobs"] = facts["before"]["logprobs"]
+        facts["stats2"] = average_stats(ray.get(trainer.train(step2, kl_coef=0.1), timeout=300))
+        facts["after2"] = ray.get(trainer.compute_logprobs(batch), timeout=120)
+        if stage == 3:
+            trainer.kill()
+            trainer = PolicyTrainer(cfg)
+        trainer.load_checkpoint(str(tmp / "ckpt"), timeout=300)
+        facts["resumed_after"] = ray.get(trainer.compute_logprobs(batch), timeout=120)
+        facts["resumed_stats2"] = average_stats(ray.get(trainer.train(step2, kl_coef=0.1), timeout=300))
+        facts["resumed_after2"] = ray.get(trainer.compute_logprobs(batch), timeout=120)
+        # uneven shards (4 + 3 rows) and an empty one (1 row): every rank still runs the same passes
+        parts = {rows: step2.select(list(range(rows))) for rows in (7, 1)}
+        for rows, part in parts.items():
+            facts[f"rows{rows}"] = ray.get(trainer.compute_logprobs(part), timeout=120)["logprobs"]
+        for rows, part in parts.items():
+            facts[f"rows{rows}_stats"] = ray.get(trainer.train(part, kl_coef=0.1), timeout=120)
+    finally:
+        trainer.kill()
+    return facts
+
+
+def driver_logprobs(tiny_model_dir, batch: Batch):
+    model = load_causal_lm(tiny_model_dir)
+    with torch.no_grad():
+        return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], TEMPERATURE, True)
+
+
+def test_logprobs_equal_the_driver(scenario, tiny_model_dir):
+    batch, got = scenario["batch"], scenario["before"]
+    lp, ent = driver_logprobs(tiny_model_dir, batch)
+    assert set(got.tensors) == {"logprobs", "entropy"} and got["logprobs"].shape == (B, T)
+    mask = batch["attention_mask"].bool()
+    assert (got["logprobs"][~mask] == 0).all() and (got["logprobs"][:, 0] == 0).all()
+    assert (got["logprobs"] - lp)[mask].abs().max() < LOGPROB_TOL
+    assert (got["entropy"] - ent)[mask].abs().max() < LOGPROB_TOL
+
+
+def test_gradient_is_that_of_the_whole_batch(scenario, tiny_model_dir):
+    """The 2 ranks x 2 micro-batches accumulate exactly the gradient of the global token-mean loss
+    (DeepSpeed's pre-clip norm against one backward pass in the driver). The KL term (k3, ref = old) has
+    zero gradient at the first step, the entropy term is off."""
+    step1 = scenario["step1"]
+    model = load_causal_lm(tiny_model_dir)
+    lp, _ = sequence_logprobs(model, step1["input_ids"], step1["attention_mask"], TEMPERATURE)
+    loss, _ = ppo_policy_loss(lp, step1["logprobs"], step1["advantages"], step1["response_mask"], 0.2)
+    loss.backward()
+    norm = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+    )
+    stats = scenario["stats1"]
+    assert len(stats) == 2
+    for s in stats:
+        assert s["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+    lp = lp.detach()
+    for s, rows in zip(stats, (slice(0, B // 2), slice(B // 2, B))):  # each rank: token mean over its shard
+        f = {k: v[rows] for k, v in step1.tensors.items()}
+        shard_loss, _ = ppo_policy_loss(lp[rows], f["logprobs"], f["advantages"], f["response_mask"], 0.2)
+        assert s["policy_loss"] == pytest.approx(shard_loss.item(), rel=1e-4)
+    for key in ("policy_loss", "clip_frac", "approx_kl", "entropy", "grad_norm", "lr", "kl_loss"):
+        assert key in stats[0]
+    assert stats[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_step_raises_logprobs_of_advantaged_tokens(scenario):
+    before, after = scenario["before"]["logprobs"], scenario["after"]["logprobs"]
+    rise = (after - before)[:, PROMPT]
+    assert (rise > 0).all(), rise
+    assert rise.mean() > 0.1, rise
+
+
+def test_ranks_hold_identical_parameters(scenario):
+    rank0, rank1 = scenario["rank_weights"]
+    assert rank0.keys() == rank1.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+
+
+def test_zero3_partitions_the_parameters(scenario):
+    for held, total in scenario["local_numel"]:
+        if scenario["stage"] == 3:
+            assert held < 0.6 * total, (held, total)
+        else:
+            assert held == total
+
+
+def test_broadcast_sends_the_exported_weights(scenario):
+    received, exported = scenario["broadcast"], scenario["exported"]
+    assert list(received) == list(exported)  # the manifest order: named_weights'
+    for name, value in received.items():
+        assert torch.equal(value, torch.from_numpy(exported[name].copy())), name
+
+
+def test_exported_weights_equal_saved_directory_and_ranks(scenario):
+    exported = scenario["exported"]
+    saved = AutoModelForCausalLM.from_pretrained(scenario["saved_dir"])
+    expected = dict(named_weights(saved))
+    assert exported.keys() == expected.keys()
+    assert "lm_head.weight" not in exported  # tied to the embeddings
+    rank0 = scenario["rank_weights"][0]
+    for name, value in expected.items():
+        assert torch.equal(torch.from_numpy(exported[name].copy()), value.detach()), name
+        assert torch.equal(rank0[name], value.detach()), name
+    # the saved model is the trained one: it reproduces the trainer's log-probs
+    batch = scenario["batch"]
+    with torch.no_grad():
+        lp, _ = sequence_logprobs(saved, batch["input_ids"], batch["attention_mask"], TEMPERATURE)
+    assert (lp * batch["attention_mask"] - scenario["after"]["logprobs"]).abs().max() < LOGPROB_TOL
+
+
+def test_checkpoint_resumes_exactly(scenario):
+    assert torch.equal(scenario["resumed_after"]["logprobs"], scenario["after"]["logprobs"])
+    expected, got = scenario["stats2"], scenario["resumed_stats2"]
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    assert (scenario["resumed_after2"]["logprobs"] - scenario["after2"]["logprobs"]).abs().max() < 1e-6
+    # the second step did something, with a live KL term (not a comparison of two idle models)
+    assert scenario["stats2"]["kl_loss"] > 1e-4
+    assert (scenario["after2"]["logprobs"] - scenario["after"]["logprobs"]).abs().max() > 1e-3
+
+
+def test_micro_batching_does_not_change_the_update(ray_local, tiny_model_dir):
+    """1 rank, one optimiser step on 8 sequences: one micro-batch of 8 and four of 2 give the same
+    gradient (norm) and the same parameters. Adam's first step moves a weight by lr * g / (|g| + 1e-8):
+    by lr where |g| >> 1e-8, so a misweighted micro-batch shows as weights 2 lr apart (sign flips); the
+    fp32 summation-order noise shows only on weights with |g| ~ 1e-9 (measured: <= 2.4e-6 apart at
+    lr = 1e-4, 2.4e-5 at lr = 1e-3)."""
+    batch = make_batch(seed=3)
+    cfgs = [make_cfg(tiny_model_dir, num_ranks=1, micro_batch_size=m, lr=1e-4) for m in (B, B // 4)]
+    with ThreadPoolExecutor(2) as pool:  # start both groups at once
+        trainers = list(pool.map(PolicyTrainer, cfgs))
+    try:
+        old = ray.get(trainers[0].compute_logprobs(batch), timeout=120)["logprobs"]
+        step = with_advantages(batch, old)
+        noise = torch.randn(B, T, generator=torch.Generator().manual_seed(4))
+        step.tensors["advantages"] = noise * step["response_mask"]
+        stats = ray.get([t.train(step, kl_coef=0.1)[0] for t in trainers], timeout=300)
+        weights = [ray.get(t.export_weights(timeout=120)[0], timeout=60) for t in trainers]
+    finally:
+        for t in trainers:
+            t.kill()
+    assert stats[0]["grad_norm"] == pytest.approx(stats[1]["grad_norm"], rel=1e-5)
+    assert stats[0]["policy_loss"] == pytest.approx(stats[1]["policy_loss"], rel=1e-5, abs=1e-7)
+    worst = max(abs(weights[0][k] - weights[1][k]).max() for k in weights[0])
+    assert worst < 1e-5, worst
+
+
+def test_uneven_and_empty_shards(scenario):
+    """7 rows on 2 ranks, then 1 row (rank 0 has nothing): no rank waits forever for a peer's collective,
+    and the log-probs are those of the full batch."""
+    current = scenario["resumed_after2"]["logprobs"]
+    assert (scenario["rows7"] - current[:7]).abs().max() < LOGPROB_TOL
+    assert (scenario["rows1"] - current[:1]).abs().max() < LOGPROB_TOL
+    for rows in (7, 1):
+        stats = scenario[f"rows{rows}_stats"]
+        assert all(s["grad_norm"] > 0 and s["grad_norm"] == stats[0]["grad_norm"] for s in stats)
+    assert "policy_loss" not in scenario["rows1_stats"][0]  # rank 0 only ran zero-weight stand-in passes
