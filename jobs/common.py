@@ -57,7 +57,7 @@ def init_ray(address: str | None, num_cpus: int | None, needed_cpus: float = 0.0
         address="local",
         num_cpus=cpus,
         include_dashboard=False,
-        node_ip_address="127.0.0.1",
+        _node_ip_address="127.0.0.1",
         object_store_memory=int(os.environ.get("RLHF_RAY_OBJECT_STORE_BYTES", 2 * 1024**3)),
         runtime_env=env,
     )

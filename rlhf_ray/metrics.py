@@ -1,16 +1,26 @@
-"""Where a run's numbers go: a JSONL file (one object per step, easy to plot), TensorBoard, and a console
-progress bar with reward, KL, tokens/s and ETA. `plot_metrics` turns the JSONL into a PNG."""
+"""Where a run's numbers go: a JSONL file (one object per step, easy to plot), TensorBoard, a console
+progress bar, and every `log_interval` steps a table row (step, reward, KL, gold, tokens/s, s/step, ETA)
+that stays in the job's log. `plot_metrics` turns the JSONL into a PNG."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from rlhf_ray.config import LoggingConfig
 
 BAR_KEYS = {"reward/mean": "reward", "kl": "kl", "eval/gold": "gold", "tokens_per_s": "tok/s"}
+ROW_KEYS = {
+    "reward/mean": "reward",
+    "kl": "kl",
+    "policy/entropy": "entropy",
+    "eval/gold": "gold",
+    "tokens_per_s": "tok/s",
+}
 
 
 class MetricsLogger:
@@ -25,6 +35,8 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        self.total_steps, self.start_step = total_steps, start_step
+        self._recent: deque[tuple[int, float]] = deque([(start_step, time.perf_counter())], maxlen=11)
         self._bar = None
         if cfg.progress_bar:
             from tqdm import tqdm
@@ -34,7 +46,7 @@ class MetricsLogger:
             )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        record = {"step": step, **{k: plain(v) for k, v in metrics.items()}}
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
@@ -48,6 +60,26 @@ class MetricsLogger:
                 short: f"{record[k]:.3g}" for k, short in BAR_KEYS.items() if isinstance(record.get(k), float)
             }
             self._bar.set_postfix(shown, refresh=False)
+        if self.cfg.log_interval and step % self.cfg.log_interval == 0:
+            self._print_row(step, record)
+
+    def _print_row(self, step: int, record: dict[str, Any]) -> None:
+        # Speed over the last few rows, so a slow first step (start-up, evaluation) fades from the ETA.
+        self._recent.append((step, time.perf_counter()))
+        (s0, t0), (s1, t1) = self._recent[0], self._recent[-1]
+        per_step = (t1 - t0) / (s1 - s0) if s1 > s0 else float("nan")
+        eta = per_step * (self.total_steps - step)
+        cells = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"]
+        cells += [
+            f"{short} {record[k]:.4g}" for k, short in ROW_KEYS.items() if isinstance(record.get(k), float)
+        ]
+        if math.isfinite(per_step):
+            cells += [f"{per_step:.2f} s/step", f"ETA {_clock(eta)}"]
+        line = " | ".join(cells)
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -58,7 +90,14 @@ class MetricsLogger:
             self._bar.close()
 
 
-def _plain(v: Any) -> Any:
+def _clock(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def plain(v: Any) -> Any:
+    """A JSON-friendly number: tensors and numpy scalars unwrapped, NaN as null."""
     if hasattr(v, "item"):
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):

@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from rlhf_ray.checkpoint import CheckpointManager
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.data import PromptSource, load_records
 from rlhf_ray.experience import RewardNormalizer
-from rlhf_ray.metrics import MetricsLogger, plot_metrics
+from rlhf_ray.metrics import MetricsLogger, plain, plot_metrics
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.trainer.roles import Roles, start_roles, wait_for
 from rlhf_ray.trainer.tasks import concat_batches, eval_function_task, experience_task
@@ -97,13 +98,16 @@ class PPOTrainer:
             self.roles.shutdown()
             self.roles = None
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Train to `run.total_steps`; `on_step(step, metrics)` is called after each step is logged
+        (Ray Tune reports through it). Returns paths and the last step's metrics (`final`)."""
         cfg = self.cfg
         if self.roles is None:
             self.start()
         seed_everything(cfg.run.seed + self.step)
         logger = MetricsLogger(self.out, cfg.logging, cfg.run.total_steps, start_step=self.step)
         eval_every = cfg.run.eval_interval
+        last: dict[str, Any] = {}
         try:
             if self.step == 0 and self.eval_prompts:
                 logger.log(0, self.evaluate())
@@ -115,6 +119,9 @@ class PPOTrainer:
                 if self.step == cfg.run.total_steps and self.eval_prompts:
                     metrics |= self.evaluate()
                 logger.log(self.step, metrics)
+                last = metrics
+                if on_step is not None:
+                    on_step(self.step, metrics)
                 interval = cfg.checkpoint.interval
                 if (interval and self.step % interval == 0) or self.step == cfg.run.total_steps:
                     self.save_checkpoint()
@@ -128,6 +135,8 @@ class PPOTrainer:
             "policy": str(policy_dir),
             "metrics": str(logger.path),
             "plot": str(plot),
+            "step": self.step,
+            "final": {k: plain(v) for k, v in last.items()},
         }
 
     # ---- one step -------------------------------------------------------------------------------
