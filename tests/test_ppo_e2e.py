@@ -7,9 +7,11 @@ task (answers made of digits, of the right length): the mean reward must rise cl
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
+from transformers import AutoModelForCausalLM
 
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.data.synthetic import write_task
@@ -108,8 +110,15 @@ def test_rl_improves_reward(ray_local, tiny_model_dir, task, tmp_path, estimator
     assert "eval/gold" in rows[0] and "eval/gold" in rows[-1]
     # after every sync the engine samples from the trainer's weights: their log-probs agree
     assert max(r["rollout_vs_trainer_logprob_diff"] for r in step_rows) < 1e-3
-    # the final policy is an HF directory vLLM and transformers can load
-    assert (tmp_path / "run" / "policy" / "config.json").is_file()
+    # the final policy is an HF directory transformers loads (vLLM loads the same files in the pipeline),
+    # and it is the trained one: its weights moved away from the initial model's
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "policy")
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    moved = [
+        (a - b).abs().max().item()
+        for a, b in zip(trained.state_dict().values(), initial.state_dict().values(), strict=True)
+    ]
+    assert max(moved) > 1e-3 and all(math.isfinite(m) for m in moved)
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
     assert json.loads((tmp_path / "run" / "config.yaml").read_text())["algorithm"]["estimator"] == estimator
     assert summary["policy"].endswith("policy")
