@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from rlhf_ray.config import ConfigError, RLHFConfig
 from rlhf_ray.runtime import runtime_env_vars, setup_process_env
@@ -61,3 +64,18 @@ def init_ray(address: str | None, num_cpus: int | None, needed_cpus: float = 0.0
         object_store_memory=int(os.environ.get("RLHF_RAY_OBJECT_STORE_BYTES", 2 * 1024**3)),
         runtime_env=env,
     )
+
+
+def run_offline_job(
+    description: str, argv: list[str] | None, run: Callable[..., dict[str, Any]], dpo: bool = False
+) -> dict[str, Any]:
+    """The body of an offline stage's job (SFT, reward model, DPO): stage flags and config, Ray sized for
+    the ranks, `run(cfg, **flags)`, the summary printed as JSON."""
+    from rlhf_ray.trainer.offline import parse_stage_flags
+
+    flags, rest = parse_stage_flags(argv, dpo=dpo)
+    args, cfg = parse_args(description, rest)
+    init_ray(args.address, args.num_cpus, needed_cpus=cfg.trainer.num_ranks * cfg.placement.policy.num_cpus)
+    summary = run(cfg, **flags)
+    print(json.dumps(summary, indent=1))
+    return summary

@@ -10,20 +10,12 @@ The flags override the config's offline.dpo section when it has one (defaults: b
 
 from __future__ import annotations
 
-import json
-
-from jobs.common import init_ray, parse_args
+from jobs.common import run_offline_job
 from rlhf_ray.trainer.dpo import run_dpo
-from rlhf_ray.trainer.offline import parse_stage_flags
 
 
 def main(argv: list[str] | None = None) -> dict:
-    flags, rest = parse_stage_flags(argv, dpo=True)
-    args, cfg = parse_args(__doc__, rest)
-    init_ray(args.address, args.num_cpus, needed_cpus=cfg.trainer.num_ranks * cfg.placement.policy.num_cpus)
-    summary = run_dpo(cfg, **flags)
-    print(json.dumps(summary, indent=1))
-    return summary
+    return run_offline_job(__doc__, argv, run_dpo, dpo=True)
 
 
 if __name__ == "__main__":

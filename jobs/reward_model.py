@@ -11,20 +11,12 @@ config's offline.reward_model section when it has one.
 
 from __future__ import annotations
 
-import json
-
-from jobs.common import init_ray, parse_args
-from rlhf_ray.trainer.offline import parse_stage_flags
+from jobs.common import run_offline_job
 from rlhf_ray.trainer.reward_model import run_reward_model
 
 
 def main(argv: list[str] | None = None) -> dict:
-    flags, rest = parse_stage_flags(argv)
-    args, cfg = parse_args(__doc__, rest)
-    init_ray(args.address, args.num_cpus, needed_cpus=cfg.trainer.num_ranks * cfg.placement.policy.num_cpus)
-    summary = run_reward_model(cfg, **flags)
-    print(json.dumps(summary, indent=1))
-    return summary
+    return run_offline_job(__doc__, argv, run_reward_model)
 
 
 if __name__ == "__main__":
