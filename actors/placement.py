@@ -9,6 +9,10 @@
 
 A 1-node CPU run and a multi-node GPU run differ only in `cfg.placement`. Demands larger than the cluster
 fail here, before any actor waits forever for resources.
+
+Inside a Ray Tune trial the resources are already reserved: the trial runs in a placement group whose last
+bundles are `layout(cfg, ...)`'s (see `rlhf_ray.trainer.sweep.trial_resources`), and the roles go into those
+bundles instead of a new group, which the trial's end (not `RolePlan.remove`) releases.
 """
 
 from __future__ import annotations
@@ -17,7 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.config import RLHFConfig, RoleResources
@@ -35,11 +44,12 @@ class RolePlan:
     reference: dict[str, Any] = field(default_factory=dict)
     reward: dict[str, Any] = field(default_factory=dict)
     placement_group: PlacementGroup | None = None
+    owned: bool = True  # False: the group of the Tune trial we run in; its owner removes it
 
     def remove(self) -> None:
-        if self.placement_group is not None:
+        if self.placement_group is not None and self.owned:
             remove_placement_group(self.placement_group)
-            self.placement_group = None
+        self.placement_group = None
 
 
 def _bundle(res: RoleResources) -> dict[str, float]:
@@ -100,18 +110,34 @@ def check_fits(bundles: list[dict[str, float]], available: dict[str, float]) -> 
         )
 
 
-def plan_placement(cfg: RLHFConfig, need_critic: bool, timeout_s: float = 300.0) -> RolePlan:
-    bundles, slots = layout(cfg, need_critic)
-    check_fits(bundles, ray.cluster_resources())
-    pg = placement_group(bundles, strategy=cfg.placement.strategy)
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
-    if not ready:
-        remove_placement_group(pg)
+def _same_bundle(a: dict[str, float], b: dict[str, float]) -> bool:
+    keys = {k for k, v in {**a, **b}.items() if v}
+    return all(abs(a.get(k, 0.0) - b.get(k, 0.0)) < 1e-6 for k in keys)
+
+
+def borrowed_offset(pg: PlacementGroup, bundles: list[dict[str, float]]) -> int:
+    """Index of the first role bundle in `pg`, a placement group made for us (a Tune trial's): the roles'
+    bundles must be its last `len(bundles)` ones, in order."""
+    specs = pg.bundle_specs
+    offset = len(specs) - len(bundles)
+    if offset < 0 or not all(_same_bundle(specs[offset + i], b) for i, b in enumerate(bundles)):
         raise PlacementError(
-            f"placement group of {len(bundles)} bundles ({bundles}) was not placed within {timeout_s:.0f} s; "
-            f"the cluster has the resources in total but not in the shape asked for "
-            f"(placement.strategy={cfg.placement.strategy}): free resources, add nodes or try strategy PACK"
+            f"running inside placement group {pg.id.hex()[:12]} with bundles {specs}, which does not end "
+            f"with the {len(bundles)} bundles the roles need ({bundles}). Size the trial's resources from "
+            f"the same config: tune.with_resources(fn, rlhf_ray.trainer.sweep.trial_resources(cfg))"
         )
+    return offset
+
+
+def plan_placement(cfg: RLHFConfig, need_critic: bool, timeout_s: float = 300.0) -> RolePlan:
+    """Reserve the roles' bundles (a new placement group, or the current Tune trial's) and return the
+    `.options()` of every actor."""
+    bundles, slots = layout(cfg, need_critic)
+    current = get_current_placement_group()
+    if current is not None:
+        pg, offset, owned = current, borrowed_offset(current, bundles), False
+    else:
+        pg, offset, owned = _new_group(cfg, bundles, timeout_s), 0, True
 
     def options(role: str) -> list[dict[str, Any]]:
         return [
@@ -120,7 +146,7 @@ def plan_placement(cfg: RLHFConfig, need_critic: bool, timeout_s: float = 300.0)
                 "num_gpus": res.num_gpus * share,
                 "resources": {k: v * share for k, v in res.resources.items()},
                 "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=idx
+                    placement_group=pg, placement_group_bundle_index=offset + idx
                 ),
             }
             for idx, share, res in slots[role]
@@ -133,4 +159,19 @@ def plan_placement(cfg: RLHFConfig, need_critic: bool, timeout_s: float = 300.0)
         reference=options("reference")[0],
         reward=options("reward")[0],
         placement_group=pg,
+        owned=owned,
     )
+
+
+def _new_group(cfg: RLHFConfig, bundles: list[dict[str, float]], timeout_s: float) -> PlacementGroup:
+    check_fits(bundles, ray.cluster_resources())
+    pg = placement_group(bundles, strategy=cfg.placement.strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise PlacementError(
+            f"placement group of {len(bundles)} bundles ({bundles}) was not placed within {timeout_s:.0f} s; "
+            f"the cluster has the resources in total but not in the shape asked for "
+            f"(placement.strategy={cfg.placement.strategy}): free resources, add nodes or try strategy PACK"
+        )
+    return pg

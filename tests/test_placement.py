@@ -1,10 +1,19 @@
-"""Placement layouts: bundles per role for separate and colocated modes; over-asking fails clearly."""
+"""Placement layouts: bundles per role for separate and colocated modes; over-asking fails clearly; inside
+a placement group made for the run (a Tune trial's) the roles fill its bundles instead of a new group."""
 
 from __future__ import annotations
 
 import pytest
+import ray
+from ray.util.placement_group import (
+    get_current_placement_group,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.placement import PlacementError, check_fits, layout
+from actors.placement import PlacementError, check_fits, layout, plan_placement
 from rlhf_ray.config import RLHFConfig
 
 
@@ -44,3 +53,56 @@ def test_check_fits_names_the_shortfall():
     with pytest.raises(PlacementError, match="GPU: needs 2, cluster has 0"):
         check_fits(bundles, {"CPU": 64.0})
     check_fits(bundles, {"CPU": 64.0, "GPU": 2.0})
+
+
+# ---- inside a placement group made for us (a Ray Tune trial's) ------------------------------------------
+@ray.remote(num_cpus=0)
+def _plan_inside(c: RLHFConfig) -> dict:
+    """What a trial's driver does: plan the roles while running in the trial's placement group."""
+    plan = plan_placement(c, need_critic=False)
+    options = [*plan.policy, *plan.rollout, plan.reference, plan.reward]
+    current = get_current_placement_group()
+    out = {
+        "owned": plan.owned,
+        "same_group": plan.placement_group.id == current.id,
+        "indices": [o["scheduling_strategy"].placement_group_bundle_index for o in options],
+    }
+    plan.remove()  # must leave the trial's group alone
+    return out
+
+
+@pytest.mark.slow
+def test_plan_uses_the_current_placement_group(ray_local):
+    c = cfg(trainer={"num_ranks": 2}, rollout={"num_engines": 1})
+    bundles, _ = layout(c, need_critic=False)
+    pg = placement_group([{"CPU": 1}, *bundles])  # bundle 0: the trial's driver, as Tune lays it out
+    ray.get(pg.ready(), timeout=60)
+    try:
+        inside = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+        out = ray.get(_plan_inside.options(scheduling_strategy=inside).remote(c), timeout=60)
+        assert out["owned"] is False and out["same_group"] is True
+        # policy ranks, engine, reference, reward in the bundles after the driver's, in layout order
+        assert out["indices"] == [1, 2, 3, 4, 5]
+        assert placement_group_table(pg)["state"] == "CREATED"  # remove() did not free the trial's group
+
+        wrong = placement_group([{"CPU": 1}, {"CPU": 1}])  # too few bundles for the roles
+        ray.get(wrong.ready(), timeout=60)
+        try:
+            strategy = PlacementGroupSchedulingStrategy(wrong, placement_group_bundle_index=0)
+            with pytest.raises(PlacementError, match="does not end with the 5 bundles"):
+                ray.get(_plan_inside.options(scheduling_strategy=strategy).remote(c), timeout=60)
+        finally:
+            remove_placement_group(wrong)
+    finally:
+        remove_placement_group(pg)
+
+
+@pytest.mark.slow
+def test_plan_outside_a_group_makes_and_removes_its_own(ray_local):
+    c = cfg(trainer={"num_ranks": 2}, rollout={"num_engines": 1})
+    plan = plan_placement(c, need_critic=False)
+    pg = plan.placement_group
+    assert plan.owned and placement_group_table(pg)["state"] == "CREATED"
+    assert [o["scheduling_strategy"].placement_group_bundle_index for o in plan.policy] == [0, 1]
+    plan.remove()
+    assert placement_group_table(pg)["state"] == "REMOVED"
