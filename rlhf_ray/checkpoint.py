@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,11 +40,37 @@ def _describe_files(root: Path) -> dict[str, dict[str, Any]]:
     }
 
 
+def writable_dir(path: str | Path, key: str) -> Path:
+    """`path` as a directory this process can create files in (made if missing), or a `CheckpointError`
+    naming the config `key`, the path and the reason, before any work that would be lost."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise CheckpointError(
+            f"{key}={str(path)!r} is not a writable directory ({exc.strerror or exc}); set {key} to a "
+            f"directory this user can write to, or fix its permissions"
+        ) from exc
+    return path
+
+
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep_last: int = 2, config_hash: str = ""):
+    """Sealed checkpoints `step-XXXXXXXX/` under `directory`. `config_hash` (and `identity`, the settings
+    behind it, see `RLHFConfig.checkpoint_identity`) tie each checkpoint to the run that wrote it."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        keep_last: int = 2,
+        config_hash: str = "",
+        identity: dict[str, Any] | None = None,
+    ):
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.config_hash = config_hash
+        self.identity = identity
 
     def path_for(self, step: int) -> Path:
         return self.dir / f"{PREFIX}{step:08d}"
@@ -61,6 +88,7 @@ class CheckpointManager:
                 "config_hash": self.config_hash,
                 "created": time.time(),
                 "files": _describe_files(tmp),
+                **({"config": self.identity} if self.identity is not None else {}),
                 **(extra or {}),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -92,8 +120,8 @@ class CheckpointManager:
         if self.config_hash and manifest.get("config_hash") != self.config_hash:
             raise CheckpointError(
                 f"checkpoint {path} was written by a run with a different model/algorithm/trainer config "
-                f"(hash {manifest.get('config_hash')} vs this run's {self.config_hash}); refusing to resume. "
-                f"Use a new run.output_dir (or checkpoint.dir), or set checkpoint.resume=false to start over"
+                f"({self._differences(manifest.get('config'))}); refusing to resume. Use a new run.output_dir "
+                f"(or checkpoint.dir), restore the old settings, or set checkpoint.resume=false to start over"
             )
         if check_files:
             for name, info in manifest["files"].items():
@@ -103,6 +131,17 @@ class CheckpointManager:
                         f"checkpoint {path} is damaged: {name} is missing or changed since it was written"
                     )
         return manifest
+
+    def _differences(self, saved: dict[str, Any] | None) -> str:
+        if saved is None or self.identity is None:
+            return "config hashes differ"
+        keys = sorted(set(saved) | set(self.identity))
+        diffs = [
+            f"{k}: {saved.get(k)!r} in the checkpoint, {self.identity.get(k)!r} now"
+            for k in keys
+            if saved.get(k) != self.identity.get(k)
+        ]
+        return "; ".join(diffs) or "config hashes differ"
 
     def _prune(self) -> None:
         for old in self.complete()[: -self.keep_last]:

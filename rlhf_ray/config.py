@@ -146,6 +146,7 @@ class RunConfig:
         None  # 'module:function' scoring eval responses besides the reward (e.g. a gold score)
     )
     call_timeout_s: float = 1800.0  # longest wait for any role's answer before the run fails naming that role
+    max_restarts: int = 3  # recoveries from dead/hung actors in one run; past it the run stops (resumable)
 
 
 @dataclass
@@ -207,9 +208,21 @@ class RLHFConfig:
 
     def hash(self) -> str:
         """Stable short hash of the settings that make a checkpoint incompatible when changed."""
+        return hashlib.sha256(json.dumps(self._essential(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def checkpoint_identity(self) -> dict[str, Any]:
+        """The settings `hash()` covers, as flat `section.key` entries: stored in checkpoint manifests so
+        that a refused resume can name what changed."""
+        return {
+            f"{section}.{key}": value
+            for section, values in self._essential().items()
+            for key, value in values.items()
+        }
+
+    def _essential(self) -> dict[str, dict[str, Any]]:
         essential = {k: v for k, v in self.to_dict().items() if k in ("model", "algorithm", "trainer")}
         essential["trainer"] = {k: v for k, v in essential["trainer"].items() if k in ("zero_stage",)}
-        return hashlib.sha256(json.dumps(essential, sort_keys=True).encode()).hexdigest()[:16]
+        return essential
 
     # ---- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
@@ -368,6 +381,7 @@ class RLHFConfig:
             ("run.eval_interval", self.run.eval_interval, self.run.eval_interval >= 0, "an integer >= 0"),
             ("run.eval_prompts", self.run.eval_prompts, self.run.eval_prompts >= 0, "an integer >= 0"),
             ("run.call_timeout_s", self.run.call_timeout_s, self.run.call_timeout_s > 0, "a number > 0"),
+            ("run.max_restarts", self.run.max_restarts, self.run.max_restarts >= 0, "an integer >= 0"),
             (
                 "logging.log_interval",
                 self.logging.log_interval,

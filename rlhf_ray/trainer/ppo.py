@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -22,13 +23,14 @@ import ray
 import torch
 
 from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController
-from rlhf_ray.checkpoint import CheckpointManager
+from rlhf_ray.checkpoint import CheckpointManager, writable_dir
 from rlhf_ray.config import RLHFConfig
-from rlhf_ray.data import PromptSource, load_records
+from rlhf_ray.data import DataError, PromptSource, load_records
 from rlhf_ray.experience import RewardNormalizer
 from rlhf_ray.metrics import MetricsLogger, plain, plot_metrics
 from rlhf_ray.models import load_tokenizer
-from rlhf_ray.trainer.roles import Roles, start_roles, wait_for
+from rlhf_ray.trainer.offline import require_model_dir
+from rlhf_ray.trainer.roles import RECOVERABLE, Roles, probe, restart, start_roles, wait_for
 from rlhf_ray.trainer.tasks import concat_batches, eval_function_task, experience_task
 from rlhf_ray.trainer.weight_sync import make_weight_sync
 
@@ -44,6 +46,28 @@ class DriverState:
     kl: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     normalizer: dict[str, float] | None = None
+
+
+class RecoveryError(RuntimeError):
+    """The run met more failures than `run.max_restarts` allows; the message says how to resume."""
+
+
+class _RolledBack(Exception):
+    """Recovery restored the last checkpoint: the loop carries on from `PPOTrainer.step`."""
+
+
+def check_inputs(cfg: RLHFConfig) -> None:
+    """The paths an RL run reads exist: a `ConfigError`/`DataError` naming the key, before any actor."""
+    require_model_dir(cfg.model.policy_path, "model.policy_path")
+    for key in ("tokenizer_path", "critic_path"):
+        if getattr(cfg.model, key):
+            require_model_dir(getattr(cfg.model, key), f"model.{key}")
+    if cfg.reward.kind == "model":
+        require_model_dir(cfg.model.reward_path, "model.reward_path (reward.kind='model')")
+    if not cfg.data.train_path:
+        raise DataError(
+            f"data.train_path is not set: give a JSONL/Parquet file of prompts (field {cfg.data.prompt_field!r})"
+        )
 
 
 def kl_controller(cfg: RLHFConfig) -> FixedKLController | AdaptiveKLController:
@@ -63,8 +87,10 @@ class PPOTrainer:
 
     def __init__(self, cfg: RLHFConfig):
         self.cfg = cfg
-        self.out = Path(cfg.run.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        # Everything that can be checked without actors is checked here, before any actor starts.
+        check_inputs(cfg)
+        self.out = writable_dir(cfg.run.output_dir, "run.output_dir")
+        ckpt_dir = writable_dir(cfg.checkpoint.dir or self.out / "checkpoints", "checkpoint.dir")
         self.group = cfg.rollout.samples_per_prompt
         tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.policy_path, cfg.data.chat_template)
         records = load_records(cfg.data.train_path, [cfg.data.prompt_field])
@@ -79,9 +105,15 @@ class PPOTrainer:
         self.kl_ctl = kl_controller(cfg)
         self.normalizer = RewardNormalizer() if cfg.algorithm.normalize_reward else None
         self.ckpt = CheckpointManager(
-            cfg.checkpoint.dir or self.out / "checkpoints", cfg.checkpoint.keep_last, cfg.hash()
+            ckpt_dir, cfg.checkpoint.keep_last, cfg.hash(), identity=cfg.checkpoint_identity()
         )
+        latest = self.ckpt.latest() if cfg.checkpoint.resume else None
+        if latest is not None:
+            self.ckpt.verify(latest, check_files=False)  # a checkpoint of another model/config: refuse now
         self.step = 0
+        self.restarts = 0  # recoveries so far (bounded by run.max_restarts)
+        self._initial_data = self.prompts.state_dict()
+        self._logger: MetricsLogger | None = None
         self.roles: Roles | None = None
         (self.out / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=1))
 
@@ -100,47 +132,96 @@ class PPOTrainer:
 
     def fit(self, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Train to `run.total_steps`; `on_step(step, metrics)` is called after each step is logged
-        (Ray Tune reports through it). Returns paths and the last step's metrics (`final`)."""
+        (Ray Tune reports through it). Returns paths and the last step's metrics (`final`).
+
+        A dead or hung actor does not end the run: see `_recover` (at most `run.max_restarts` times)."""
         cfg = self.cfg
         if self.roles is None:
             self.start()
         seed_everything(cfg.run.seed + self.step)
-        logger = MetricsLogger(self.out, cfg.logging, cfg.run.total_steps, start_step=self.step)
-        eval_every = cfg.run.eval_interval
-        last: dict[str, Any] = {}
-        try:
-            if self.step == 0 and self.eval_prompts:
-                logger.log(0, self.evaluate())
-            while self.step < cfg.run.total_steps:
-                metrics = self.train_step()
-                self.step += 1
-                if eval_every and self.step % eval_every == 0 and self.step < cfg.run.total_steps:
-                    metrics |= self.evaluate()
-                if self.step == cfg.run.total_steps and self.eval_prompts:
-                    metrics |= self.evaluate()
-                logger.log(self.step, metrics)
-                last = metrics
-                if on_step is not None:
-                    on_step(self.step, metrics)
-                interval = cfg.checkpoint.interval
-                if (interval and self.step % interval == 0) or self.step == cfg.run.total_steps:
-                    self.save_checkpoint()
-        finally:
-            logger.close()
+        self._logger = MetricsLogger(self.out, cfg.logging, cfg.run.total_steps, start_step=self.step)
+        self._last: dict[str, Any] = {}
         policy_dir = self.out / "policy"
-        self.roles.policy.save_pretrained(str(policy_dir), cfg.run.call_timeout_s)
-        plot = plot_metrics(logger.path, self.out / "curves.png")
+        evaluated = self.step > 0 or not self.eval_prompts  # the step-0 evaluation, once
+        try:
+            while True:
+                try:
+                    if not evaluated:
+                        self._logger.log(0, self._attempt(self.evaluate, "evaluation"))
+                        evaluated = True
+                    while self.step < cfg.run.total_steps:
+                        self._one_step(on_step)
+                    self._attempt(
+                        lambda: self.roles.policy.save_pretrained(str(policy_dir), cfg.run.call_timeout_s),
+                        "saving the policy",
+                    )
+                    break
+                except _RolledBack:
+                    continue
+        finally:
+            self._logger.close()
+        plot = plot_metrics(self._logger.path, self.out / "curves.png")
         return {
             "output_dir": str(self.out),
             "policy": str(policy_dir),
-            "metrics": str(logger.path),
+            "metrics": str(self._logger.path),
             "plot": str(plot),
             "step": self.step,
-            "final": {k: plain(v) for k, v in last.items()},
+            "restarts": self.restarts,
+            "final": {k: plain(v) for k, v in self._last.items()},
         }
+
+    def _one_step(self, on_step: Callable[[int, dict[str, Any]], None] | None) -> None:
+        cfg = self.cfg
+        metrics = self.train_step()
+        self.step += 1
+        eval_every = cfg.run.eval_interval
+        final = self.step == cfg.run.total_steps
+        if self.eval_prompts and ((eval_every and self.step % eval_every == 0) or final):
+            metrics |= self._attempt(self.evaluate, "evaluation")
+        metrics["faults/restarts"] = self.restarts
+        self._logger.log(self.step, metrics)
+        self._last = metrics
+        if on_step is not None:
+            on_step(self.step, metrics)
+        interval = cfg.checkpoint.interval
+        if (interval and self.step % interval == 0) or final:
+            self._attempt(self.save_checkpoint, "checkpoint")
 
     # ---- one step -------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
+        """One RL step in three parts, each guarded by `_attempt`: the experience (after a recovery it is
+        made again from the same prompts and seeds), the update (a failure there rolls back to the last
+        checkpoint), the weight sync (made again)."""
+        t0 = time.perf_counter()
+        data, normalizer, kl_coef = self.prompts.state_dict(), self.normalizer, self.kl_ctl.value
+
+        def again() -> None:
+            self.prompts.load_state_dict(data)
+            self.normalizer = normalizer
+
+        batch, exp_stats, times = self._attempt(lambda: self.make_experience(kl_coef), "experience", again)
+        train_stats, times["time/train"] = self._attempt(lambda: self.update(batch, kl_coef), "training")
+        t = time.perf_counter()
+        self._attempt(lambda: self.sync.sync(), "weight sync")
+        times["time/sync"] = time.perf_counter() - t
+
+        self.kl_ctl.update(exp_stats["kl"], self.cfg.run.prompts_per_step * self.group)
+        step_time = time.perf_counter() - t0
+        phases = ("time/generate", "time/score", "time/advantages", "time/train", "time/sync")
+        times["time/step"] = step_time
+        times["time/overhead"] = max(step_time - sum(times[k] for k in phases), 0.0)
+        return (
+            exp_stats
+            | train_stats
+            | times
+            | {"tokens_per_s": exp_stats["tokens"] / max(times["time/generate"], 1e-9)}
+            | self.prompts.stats()
+        )
+
+    def make_experience(self, kl_coef: float) -> tuple[Any, dict[str, float], dict[str, float]]:
+        """Generate, score (reference, reward, policy log-probs, values: in parallel from the same rollout
+        ref) and compute advantages. Returns the batch's ref, its stats and the phases' times."""
         cfg, roles = self.cfg, self.roles
         timeout = cfg.run.call_timeout_s
         t0 = time.perf_counter()
@@ -158,7 +239,6 @@ class PPOTrainer:
         wait_for({"rollout engines": rollout}, timeout, fetch=False)
         times["time/generate"] = time.perf_counter() - t0
 
-        # Reference, reward, policy log-probs (and values) from the same rollout ref, in parallel.
         t = time.perf_counter()
         scoring = {
             "reference model": roles.reference.logprobs.remote(rollout),
@@ -171,7 +251,6 @@ class PPOTrainer:
         times["time/score"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        kl_coef = self.kl_ctl.value
         batch, stats_ref, norm_ref = experience_task.remote(
             rollout,
             scoring["policy trainer"],
@@ -186,33 +265,114 @@ class PPOTrainer:
         exp_stats, normalizer = wait_for({"experience": stats_ref, "normalizer": norm_ref}, timeout).values()
         self.normalizer = normalizer
         times["time/advantages"] = time.perf_counter() - t
+        return batch, exp_stats, times
 
-        t = time.perf_counter()
+    def update(self, batch: Any, kl_coef: float) -> tuple[dict[str, float], float]:
+        """PPO epochs on the policy (and critic) ranks; their mean stats and the seconds it took."""
+        roles, t = self.roles, time.perf_counter()
         train = {f"policy rank {i}": r for i, r in enumerate(roles.policy.train(batch, kl_coef))}
         if roles.critic is not None:
             train |= {f"critic rank {i}": r for i, r in enumerate(roles.critic.train(batch))}
-        results = wait_for(train, timeout)
-        times["time/train"] = time.perf_counter() - t
+        results = wait_for(train, self.cfg.run.call_timeout_s)
         policy_stats = mean_dicts([v for k, v in results.items() if k.startswith("policy")], "policy/")
         critic_stats = mean_dicts([v for k, v in results.items() if k.startswith("critic")], "critic/")
+        return policy_stats | critic_stats, time.perf_counter() - t
 
-        t = time.perf_counter()
-        self.sync.sync()
-        times["time/sync"] = time.perf_counter() - t
+    # ---- recovery -------------------------------------------------------------------------------
+    def _attempt(self, fn: Callable[[], Any], phase: str, again: Callable[[], None] | None = None) -> Any:
+        """`fn()`, recovering from dead or hung actors (`_recover`) and calling it again (after `again()`,
+        which rewinds what the failed call consumed). Raises `_RolledBack` when recovery restored a
+        checkpoint, `RecoveryError` past `run.max_restarts`."""
+        while True:
+            try:
+                return fn()
+            except RECOVERABLE as exc:
+                self._recover(exc, phase)
+                if again is not None:
+                    again()
 
-        self.kl_ctl.update(exp_stats["kl"], cfg.run.prompts_per_step * self.group)
-        step_time = time.perf_counter() - t0
-        phases = ("time/generate", "time/score", "time/advantages", "time/train", "time/sync")
-        times["time/step"] = step_time
-        times["time/overhead"] = max(step_time - sum(times[k] for k in phases), 0.0)
+    def _recover(self, exc: BaseException, phase: str) -> None:
+        """Find the roles that died or hung (`probe`), start fresh ones on the same bundles (`restart`),
+        then either re-sync the engines to the policy's current weights (only engines, the reference or
+        the reward actor were replaced, and the update was not under way: the step is retried) or load
+        the last complete checkpoint into every trainer (a trainer rank was lost, or the update failed
+        half-way) and raise `_RolledBack`. Each attempt counts against `run.max_restarts`."""
+        cfg = self.cfg
+        rollback = phase == "training"
+        while True:
+            bad = probe(self.roles, cfg.run.call_timeout_s)
+            self.restarts += 1
+            what = f"{type(exc).__name__}: {exc}".strip()
+            if self.restarts > cfg.run.max_restarts:
+                raise RecoveryError(self._give_up_message(phase, what, bad)) from exc
+            log.warning(
+                "step %d (%s) failed: %s; not answering: %s; recovering (%d of run.max_restarts=%d)",
+                self.step + 1,
+                phase,
+                what.splitlines()[0],
+                ", ".join(bad) or "none",
+                self.restarts,
+                cfg.run.max_restarts,
+            )
+            try:
+                if bad:
+                    restart(self.roles, bad)
+                    self.sync = make_weight_sync(cfg, self.roles)
+                rollback = rollback or "policy" in bad or "critic" in bad
+                if rollback:
+                    self._rollback(fresh=bad)
+                else:
+                    self.sync.sync()  # a fresh engine starts from the initial weights
+            except RECOVERABLE as again:
+                exc = again
+                continue
+            if rollback:
+                raise _RolledBack
+            return
+
+    def _give_up_message(self, phase: str, what: str, bad: list[str]) -> str:
+        latest = self.ckpt.latest()
+        resume = f"the last complete checkpoint is {latest}" if latest else "no checkpoint was written yet"
         return (
-            exp_stats
-            | policy_stats
-            | critic_stats
-            | times
-            | {"tokens_per_s": exp_stats["tokens"] / max(times["time/generate"], 1e-9)}
-            | self.prompts.stats()
+            f"the RL run gave up at step {self.step + 1} ({phase}) after {self.restarts - 1} recoveries "
+            f"(run.max_restarts={self.cfg.run.max_restarts}); dead or not answering: {', '.join(bad) or 'none'}; "
+            f"last failure: {what}. Nothing written is lost: {resume}, and running the same command again "
+            f"resumes from it (checkpoint.resume=true). If the same role keeps failing, read its actor log; "
+            f"raise run.max_restarts to tolerate more failures"
         )
+
+    def _rollback(self, fresh: list[str]) -> None:
+        """Back to the last complete checkpoint (or to the start when there is none): trainers' weights
+        and optimiser state, data position, KL controller, reward normaliser; metrics rows of the steps
+        undone are dropped, so every step appears once in metrics.jsonl."""
+        cfg = self.cfg
+        latest = self.ckpt.latest()
+        if latest is not None:
+            self.restore(latest)
+        else:
+            trained = [n for n in ("policy", "critic") if n in self.roles.names() and n not in fresh]
+            if trained:  # no checkpoint: surviving trainers hold updated weights; start them afresh
+                restart(self.roles, trained)
+                self.sync = make_weight_sync(cfg, self.roles)
+            self.step = 0
+            self.kl_ctl = kl_controller(cfg)
+            self.prompts.load_state_dict(self._initial_data)
+            self.normalizer = RewardNormalizer() if cfg.algorithm.normalize_reward else None
+            self.sync.sync()
+        self._drop_metrics_after(self.step)
+        seed_everything(cfg.run.seed + self.step)
+        log.warning("rolled back to step %d (%s)", self.step, latest or "initial weights")
+
+    def _drop_metrics_after(self, step: int) -> None:
+        self._logger.close()
+        path = self._logger.path
+        if path.exists():
+            rows = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line + "\n" for line in rows if json.loads(line)["step"] <= step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+        self._logger = MetricsLogger(self.out, self.cfg.logging, self.cfg.run.total_steps, start_step=step)
 
     def _wait_timed(self, named: dict[str, Any], start: float, timeout: float) -> dict[str, float]:
         """Wait for refs started together; each role's time is when its result became ready."""
@@ -273,8 +433,7 @@ class PPOTrainer:
         self.step = state["step"]
         self.kl_ctl.load_state_dict(state["kl"])
         self.prompts.load_state_dict(state["data"])
-        if state.get("normalizer") is not None:
-            self.normalizer = RewardNormalizer(**state["normalizer"])
+        self.normalizer = None if state.get("normalizer") is None else RewardNormalizer(**state["normalizer"])
         self.sync.sync()  # the engines start from the initial weights; give them the restored ones
         log.info("resumed from %s (step %d)", path, manifest["step"])
 

@@ -1,11 +1,22 @@
-"""Start the actors of one RL run on their placement, and stop them again."""
+"""Start the actors of one RL run on their placement, wait on them with deadlines, find the ones that
+died or hung, restart those in place, and stop them all again.
+
+Every wait has a deadline (`run.call_timeout_s`) and every failure names the role: `RoleTimeout` for a
+role that did not answer in time, `RoleDied` for one whose actor process is gone. Both are what the RL
+driver recovers from (`rlhf_ray.trainer.ppo`): `probe` tells which roles are unusable, `restart` replaces
+them with fresh actors on the same placement-group bundles.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.exceptions import ObjectLostError, RayActorError
 
 from actors.critic_trainer import CriticTrainer
 from actors.placement import RolePlan, plan_placement
@@ -13,11 +24,23 @@ from actors.policy_trainer import PolicyTrainer
 from actors.reference import ReferenceModel
 from actors.reward import RewardModel
 from actors.rollout import RolloutEngine
+from actors.worker_group import WorkerGroupError
 from rlhf_ray.config import RLHFConfig
+
+log = logging.getLogger(__name__)
 
 
 class RoleTimeout(TimeoutError):
     """A role did not answer within `run.call_timeout_s`."""
+
+
+class RoleDied(RuntimeError):
+    """A role's actor process is gone (killed, crashed, out of memory, its node lost)."""
+
+
+# What a run can recover from by restarting actors: anything else (a bad reward, bad data) is a bug or
+# bad input and fails the run at once.
+RECOVERABLE = (RoleTimeout, RoleDied, RayActorError, ObjectLostError, WorkerGroupError)
 
 
 @dataclass
@@ -31,13 +54,27 @@ class Roles:
     reward: Any
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def names(self) -> list[str]:
+        """Every restartable role: 'policy', 'critic', 'rollout engine <i>', 'reference model', 'reward model'."""
+        out = ["policy"] + (["critic"] if self.critic is not None else [])
+        return (
+            out
+            + [f"rollout engine {i}" for i in range(len(self.engines))]
+            + ["reference model", "reward model"]
+        )
+
     def shutdown(self) -> None:
         for handle in (*self.engines, self.reference, self.reward):
-            ray.kill(handle, no_restart=True)
+            _kill(handle)
         self.policy.kill()
         if self.critic is not None:
             self.critic.kill()
         self.plan.remove()
+
+
+def _kill(handle: Any) -> None:
+    with contextlib.suppress(Exception):  # already dead
+        ray.kill(handle, no_restart=True)
 
 
 def needs_critic(cfg: RLHFConfig) -> bool:
@@ -45,37 +82,139 @@ def needs_critic(cfg: RLHFConfig) -> bool:
 
 
 def start_roles(cfg: RLHFConfig) -> Roles:
-    plan = plan_placement(cfg, needs_critic(cfg))
-    engines = [RolloutEngine.options(**opts).remote(cfg, rank=i) for i, opts in enumerate(plan.rollout)]
+    timeout = cfg.run.call_timeout_s
+    plan = plan_placement(cfg, needs_critic(cfg), timeout_s=timeout)
+    engines = [_start_engine(cfg, plan, i) for i in range(len(plan.rollout))]
     reference = ReferenceModel.options(**plan.reference).remote(cfg)
     reward = RewardModel.options(**plan.reward).remote(cfg)
-    timeout = cfg.run.call_timeout_s
-    policy = PolicyTrainer(cfg, options_per_rank=plan.policy, init_timeout=timeout)
-    critic = (
-        CriticTrainer(cfg, options_per_rank=plan.critic, init_timeout=timeout) if needs_critic(cfg) else None
-    )
+    try:
+        policy = PolicyTrainer(cfg, options_per_rank=plan.policy, init_timeout=timeout)
+        critic = (
+            CriticTrainer(cfg, options_per_rank=plan.critic, init_timeout=timeout)
+            if needs_critic(cfg)
+            else None
+        )
+    except BaseException:
+        for handle in (*engines, reference, reward):
+            _kill(handle)
+        plan.remove()
+        raise
     roles = Roles(cfg, plan, policy, critic, engines, reference, reward)
     # Every actor answers once before the first step, so a role that cannot start fails here by name.
-    wait_for(
-        {f"rollout engine {i}": e.ping.remote() for i, e in enumerate(engines)}
-        | {"reference model": reference.ping.remote(), "reward model": reward.ping.remote()},
-        cfg.run.call_timeout_s,
-    )
+    try:
+        wait_for(
+            {f"rollout engine {i}": e.ping.remote() for i, e in enumerate(engines)}
+            | {"reference model": reference.ping.remote(), "reward model": reward.ping.remote()},
+            timeout,
+        )
+    except BaseException:
+        roles.shutdown()
+        raise
     return roles
 
 
+def _start_engine(cfg: RLHFConfig, plan: RolePlan, i: int) -> Any:
+    return RolloutEngine.options(**plan.rollout[i]).remote(cfg, rank=i)
+
+
+# ---- waiting --------------------------------------------------------------------------------------------
 def wait_for(named_refs: dict[str, Any], timeout_s: float, fetch: bool = True) -> dict[str, Any]:
     """`ray.get` of several refs with one deadline; on timeout, name the roles that did not answer.
+    With `fetch=True` the first role that fails stops the wait at once (its peers may be blocked in a
+    collective forever): a dead actor becomes `RoleDied` naming the role, other errors pass through.
     With `fetch=False` only wait until they are ready (for batches, which the driver must not pull)."""
-    names = list(named_refs)
-    refs = [named_refs[n] for n in names]
-    _ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s, fetch_local=fetch)
-    if pending:
-        late = [n for n, r in zip(names, refs) if r in pending]
-        raise RoleTimeout(
-            f"no answer within {timeout_s:.0f} s from: {', '.join(late)}. The actor may be hung or starved of "
-            f"resources; check `ray status` and the actor logs, or raise run.call_timeout_s"
+    names = {ref: name for name, ref in named_refs.items()}
+    deadline = time.monotonic() + timeout_s
+    pending, results = list(names), {}
+    while pending:
+        ready, pending = ray.wait(
+            pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0), fetch_local=fetch
         )
+        if not ready:
+            late = [names[r] for r in pending]
+            raise RoleTimeout(
+                f"no answer within {timeout_s:.0f} s from: {', '.join(late)}. The actor may be hung or starved "
+                f"of resources; check `ray status` and the actor logs, or raise run.call_timeout_s"
+            )
+        if fetch:
+            results[names[ready[0]]] = get_named(names[ready[0]], ready[0])
     if not fetch:
-        return dict(zip(names, refs))
-    return dict(zip(names, ray.get(refs)))
+        return dict(named_refs)
+    return {name: results[name] for name in named_refs}
+
+
+def get_named(name: str, ref: Any) -> Any:
+    """`ray.get(ref)` of a ready ref; a dead actor (anywhere upstream) becomes `RoleDied` naming `name`."""
+    try:
+        return ray.get(ref)
+    except RayActorError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise RoleDied(
+            f"{name}: an actor it depends on died ({type(exc).__name__}: {first}). The run restarts dead "
+            f"roles up to run.max_restarts times; see the actor logs for why it died"
+        ) from exc
+
+
+# ---- finding and replacing dead or hung roles --------------------------------------------------------
+def probe(roles: Roles, timeout_s: float) -> list[str]:
+    """The roles (names as in `Roles.names`) that are dead or do not answer a ping within `timeout_s`.
+    A worker group counts as one role: one bad rank makes the group bad (its peers may be stuck in a
+    collective with it), and the wait stops as soon as every role is decided."""
+    calls: dict[Any, str] = {}
+    groups = {"policy": roles.policy} | ({"critic": roles.critic} if roles.critic is not None else {})
+    for name, handle in groups.items():
+        if handle.group.actors:  # a killed group has nothing to ping: it is bad (below)
+            calls |= {ref: name for ref in handle.group.call("ping")}
+    for i, engine in enumerate(roles.engines):
+        calls[engine.ping.remote()] = f"rollout engine {i}"
+    calls[roles.reference.ping.remote()] = "reference model"
+    calls[roles.reward.ping.remote()] = "reward model"
+    bad = {name for name, h in groups.items() if not h.group.actors}
+    expected = {name: sum(1 for n in calls.values() if n == name) for name in set(calls.values())}
+    answered: dict[str, int] = {}
+    deadline = time.monotonic() + timeout_s
+    pending = [r for r, n in calls.items() if n not in bad]
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+        if not ready:
+            break
+        name = calls[ready[0]]
+        try:
+            ray.get(ready[0])
+            answered[name] = answered.get(name, 0) + 1
+        except Exception:  # any failure to answer a ping means the role is unusable
+            bad.add(name)
+        pending = [r for r in pending if calls[r] not in bad]
+    bad |= {name for name, n in expected.items() if answered.get(name, 0) < n}
+    return [n for n in roles.names() if n in bad]
+
+
+def restart(roles: Roles, names: list[str]) -> None:
+    """Kill the named roles (a hung actor too) and start fresh ones on the same placement-group bundles,
+    in place in `roles`. Trainer groups restart from their initial weights: restore a checkpoint after."""
+    cfg, plan, timeout = roles.cfg, roles.plan, roles.cfg.run.call_timeout_s
+    pings: dict[str, Any] = {}
+    for name in names:
+        if name.startswith("rollout engine "):
+            i = int(name.rsplit(" ", 1)[1])
+            _kill(roles.engines[i])
+            roles.engines[i] = _start_engine(cfg, plan, i)
+            pings[name] = roles.engines[i].ping.remote()
+        elif name == "reference model":
+            _kill(roles.reference)
+            roles.reference = ReferenceModel.options(**plan.reference).remote(cfg)
+            pings[name] = roles.reference.ping.remote()
+        elif name == "reward model":
+            _kill(roles.reward)
+            roles.reward = RewardModel.options(**plan.reward).remote(cfg)
+            pings[name] = roles.reward.ping.remote()
+        elif name == "policy":
+            roles.policy.kill()
+            roles.policy = PolicyTrainer(cfg, options_per_rank=plan.policy, init_timeout=timeout)
+        elif name == "critic" and roles.critic is not None:
+            roles.critic.kill()
+            roles.critic = CriticTrainer(cfg, options_per_rank=plan.critic, init_timeout=timeout)
+        else:
+            raise ValueError(f"restart: unknown role {name!r} (known: {', '.join(roles.names())})")
+    wait_for(pings, timeout)
+    log.warning("restarted: %s", ", ".join(names))
