@@ -24,6 +24,7 @@ from rlhf_ray.checkpoint import CheckpointManager
 from rlhf_ray.data.synthetic import write_task
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.trainer.ppo import PPOTrainer, RecoveryError
+from rlhf_ray.trainer.roles import RoleDied, RoleTimeout, wait_for
 from tests.test_ppo_e2e import tiny_rl_config
 
 TIMING = ("time/", "tokens_per_s", "faults/")
@@ -89,6 +90,31 @@ def test_engine_and_rank_deaths_are_survived_then_the_run_gives_up(ray_local, ti
     # The run's checkpoints are intact and loadable by a resumed run (same config).
     mgr = CheckpointManager(out / "checkpoints", config_hash=cfg.hash())
     assert mgr.verify(mgr.latest())["step"] == 3
+
+
+@ray.remote(num_cpus=0)
+class _Sleeper:
+    def nap(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+
+@pytest.mark.timeout(120)
+def test_waits_end_at_the_deadline_and_name_the_role(ray_local):
+    """No hang: a role that does not answer fails the wait at `run.call_timeout_s`, naming the role; a
+    role whose actor died fails it at once (even while a peer is still busy), naming the role."""
+    slow, doomed = _Sleeper.remote(), _Sleeper.remote()
+    assert ray.get(doomed.nap.remote(0), timeout=60) == 0
+    start = time.perf_counter()
+    with pytest.raises(RoleTimeout, match=r"no answer within 1 s from: reward model\. .*run\.call_timeout_s"):
+        wait_for({"reference model": doomed.nap.remote(0), "reward model": slow.nap.remote(30)}, 1.0)
+    assert time.perf_counter() - start < 10
+    ray.kill(doomed, no_restart=True)
+    start = time.perf_counter()
+    with pytest.raises(RoleDied, match=r"^policy rank 1: an actor it depends on died .*ActorDiedError"):
+        wait_for({"policy rank 0": slow.nap.remote(20), "policy rank 1": doomed.nap.remote(0)}, 60)
+    assert time.perf_counter() - start < 10  # did not wait for the busy peer
+    ray.kill(slow, no_restart=True)
 
 
 WRITER = textwrap.dedent(
