@@ -1,0 +1,211 @@
+"""Ray Tune sweeps over kl_coef and lr (`rlhf_ray.tune`, `rlhf_ray.trainer.sweep`, `jobs.sweep`).
+
+Fast: the sweep settings' validation, the results table and its reward/KL front, the CLI parsing.
+Slow: a real 4-trial grid sweep on the tiny model (each trial an RL run with its own actors inside its
+trial's placement group, two trials at a time, ASHA on), then the same call again, which restores the
+finished experiment instead of running anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from jobs.sweep import parse
+from rlhf_ray.config import ConfigError, RLHFConfig
+from rlhf_ray.data.synthetic import write_task
+from rlhf_ray.metrics import read_metrics
+from rlhf_ray.tune import SweepConfig, best_row, format_table, load_sweep_config, pareto_front
+
+# ---- fast ---------------------------------------------------------------------------------------------
+
+
+def test_sweep_config_from_file_and_flags(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("search: random\nkl_coef: [0.001, 0.1]\nlr: [1.0e-4, 1.0e-2]\nnum_samples: 6\n")
+    s = load_sweep_config(f, max_concurrent_trials=2, metric=None)
+    assert (s.search, s.kl_coef, s.num_samples, s.max_concurrent_trials) == ("random", [0.001, 0.1], 6, 2)
+    assert s.metric == "reward/mean"  # None flags leave the file/default alone
+    with pytest.raises(ConfigError, match=r"two values 0 < low < high"):
+        load_sweep_config(f, kl_coef=[0.1, 0.01])
+    with pytest.raises(ConfigError, match="unknown sweep key 'kl'"):
+        load_sweep_config(None, kl=[0.1])
+    with pytest.raises(ConfigError, match=r"sweep lr=\[0.0\]: values must be > 0"):
+        load_sweep_config(None, lr=[0.0])
+    with pytest.raises(ConfigError, match="wrong type"):
+        load_sweep_config(None, num_samples="four")
+
+
+def test_cli_routes_flags_and_overrides():
+    _, cfg, sweep = parse(
+        [
+            "--config",
+            "jobs/configs/tiny_ppo.yaml",
+            "--sweep",
+            "jobs/configs/tiny_sweep.yaml",
+            "--kl-coef",
+            "0.02",
+            "0.2",
+            "--max-concurrent-trials",
+            "1",
+            "run.total_steps=7",
+        ]
+    )
+    assert sweep.kl_coef == [0.02, 0.2] and sweep.max_concurrent_trials == 1
+    assert sweep.lr == [5e-4, 2e-3]  # from the sweep file
+    assert cfg.run.total_steps == 7  # the CLI override wins over the sweep file's run.total_steps=20
+    assert cfg.checkpoint.interval == 10  # the sweep file's override of the RL config
+
+
+def _row(trial, kl_coef, lr, reward, kl, error=False, steps=4):
+    return {
+        "trial": trial,
+        "kl_coef": kl_coef,
+        "lr": lr,
+        "steps": steps,
+        "status": "completed",
+        "reward": reward,
+        "kl": kl,
+        "gold": 0.5,
+        "metric": reward,
+        "output_dir": "",
+        "error": error,
+    }
+
+
+def test_front_and_best():
+    rows = [
+        _row("a", 0.01, 1e-3, 0.8, 0.9),  # most reward, most KL: on the front
+        _row("b", 0.1, 1e-3, 0.6, 0.2),  # on the front
+        _row("c", 0.1, 2e-3, 0.5, 0.3),  # beaten by b on both counts
+        _row("d", 0.3, 1e-3, 0.9, 0.1, error=True),  # failed: on no front, never best
+    ]
+    assert pareto_front(rows) == {0, 1}
+    assert best_row(rows, "reward/mean", "max")["trial"] == "a"
+    assert best_row(rows, "reward/mean", "min")["trial"] == "c"
+    table = format_table(rows, "reward/mean", 3)
+    assert table.splitlines()[0].startswith("| trial | kl_coef | lr | steps | reward (last 3) | kl (last 3)")
+    assert [line.split(" | ")[-2] for line in table.splitlines()[2:]] == ["*", "*", "", ""]
+
+
+# ---- a real sweep --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return write_task(
+        tmp_path_factory.mktemp("task"), seed=0, n_demos=10, n_train_prompts=200, n_eval_prompts=16
+    )
+
+
+TOTAL_STEPS = 3
+
+
+def sweep_rl_config(model_dir, task) -> RLHFConfig:
+    """The tiny RL run, trimmed to what a trial needs to prove the sweep: one policy rank and the
+    transformers sampler (vLLM and two ranks are covered by the end-to-end, job-submit and multi-node
+    tests), fewer CPUs for the light roles so that two trials fit the 8 logical CPUs of `ray_local`."""
+    return RLHFConfig.from_dict(
+        {
+            "model": {"policy_path": str(model_dir), "dtype": "float32"},
+            "data": {
+                "train_path": str(task["prompts"]),
+                "eval_path": str(task["eval_prompts"]),
+                "max_prompt_len": 16,
+            },
+            "rollout": {"engine": "hf", "max_new_tokens": 8, "samples_per_prompt": 4},
+            "algorithm": {"estimator": "grpo", "mini_batch_size": 32},
+            "trainer": {"num_ranks": 1, "zero_stage": 2, "micro_batch_size": 16},
+            "placement": {"reference": {"num_cpus": 0.5}, "reward": {"num_cpus": 0.5}},
+            "reward": {"kind": "rule", "function": "rlhf_ray.data.synthetic:digit_shaped_reward"},
+            "run": {
+                "total_steps": TOTAL_STEPS,
+                "prompts_per_step": 8,
+                "eval_prompts": 8,
+                "eval_function": "rlhf_ray.data.synthetic:gold_reward",
+                "call_timeout_s": 600,
+            },
+            "logging": {"tensorboard": False, "progress_bar": False},
+            "checkpoint": {"interval": 0},
+        }
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_four_trial_sweep_then_restore(ray_local, tiny_model_dir, task, tmp_path):
+    from rlhf_ray.trainer.sweep import run_sweep, trial_resources
+
+    cfg = sweep_rl_config(tiny_model_dir, task)
+    sweep = SweepConfig(
+        output_dir=str(tmp_path / "sweep"),
+        name="t",
+        kl_coef=[0.01, 0.5],
+        lr=[2e-3, 1e-4],  # the fast learners first: ASHA then has a bar the slow ones may miss
+        grace_period=2,
+        max_concurrent_trials=2,
+        trial_cpus=0.5,
+        window=2,
+    )
+    assert trial_resources(cfg, sweep.trial_cpus).required_resources["CPU"] == 3.5  # 2 trials in 8 CPUs
+
+    result = run_sweep(cfg, sweep)
+    print(result.table)
+    rows = result.rows
+    assert not result.restored
+    assert sorted((r["kl_coef"], r["lr"]) for r in rows) == [
+        (0.01, 1e-4),
+        (0.01, 2e-3),
+        (0.5, 1e-4),
+        (0.5, 2e-3),
+    ]
+    assert len({r["output_dir"] for r in rows}) == 4, "each trial needs its own output dir"
+    for r in rows:
+        assert not r["error"], r["status"]
+        out = tmp_path / "sweep" / "trials" / r["trial"]
+        assert r["output_dir"] == str(out)
+        # the trial's run used its own kl_coef and lr
+        run_cfg = json.loads((out / "config.yaml").read_text())
+        assert (run_cfg["algorithm"]["kl_coef"], run_cfg["trainer"]["lr"]) == (r["kl_coef"], r["lr"])
+        steps = [m for m in read_metrics(out / "metrics.jsonl") if "reward/mean" in m]
+        assert len(steps) == r["steps"] >= sweep.grace_period  # ASHA stops no trial before its grace period
+        if r["status"] == "completed":
+            assert r["steps"] == TOTAL_STEPS
+            assert (out / "policy" / "config.json").is_file()
+            assert r["gold"] == pytest.approx(read_metrics(out / "metrics.jsonl")[-1]["eval/gold"])
+        else:
+            assert r["status"] == "stopped early (ASHA)" and r["steps"] < TOTAL_STEPS
+        # the table's reward is the mean of the trial's last `window` steps
+        assert r["reward"] == pytest.approx(sum(m["reward/mean"] for m in steps[-2:]) / len(steps[-2:]))
+    assert sum(r["status"] == "completed" for r in rows) >= 1
+
+    # every trial's roles ran in the placement group Tune reserved for that trial
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(result.paths["tune"])
+    for df in analysis.trial_dataframes.values():
+        assert (df["placement/in_trial_group"] == 1.0).all()
+
+    # the table, the CSV and the best config agree
+    md = (tmp_path / "sweep" / "results.md").read_text()
+    assert sum(line.startswith("| ") for line in md.splitlines()) == 1 + 4  # header + one row per trial
+    with open(tmp_path / "sweep" / "results.csv") as f:
+        assert {row["trial"] for row in csv.DictReader(f)} == {r["trial"] for r in rows}
+    best = max(rows, key=lambda r: r["metric"])
+    assert result.best["trial"] == best["trial"] and f"trial {best['trial']}" in md
+    best_cfg = RLHFConfig.from_yaml(tmp_path / "sweep" / "best_config.yaml")
+    assert (best_cfg.algorithm.kl_coef, best_cfg.trainer.lr) == (best["kl_coef"], best["lr"])
+    assert best_cfg.model.policy_path == cfg.model.policy_path
+
+    # the same call again restores the finished experiment: no trial runs a step more
+    lines = {
+        r["trial"]: len(read_metrics(tmp_path / "sweep" / "trials" / r["trial"] / "metrics.jsonl"))
+        for r in rows
+    }
+    again = run_sweep(cfg, sweep)
+    assert again.restored
+    assert [(r["trial"], r["steps"], r["reward"]) for r in again.rows] == [
+        (r["trial"], r["steps"], r["reward"]) for r in rows
+    ]
+    for trial, n in lines.items():
+        assert len(read_metrics(tmp_path / "sweep" / "trials" / trial / "metrics.jsonl")) == n
