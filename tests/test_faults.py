@@ -23,7 +23,8 @@ import ray
 from rlhf_ray.checkpoint import CheckpointManager
 from rlhf_ray.data.synthetic import write_task
 from rlhf_ray.metrics import read_metrics
-from rlhf_ray.trainer.ppo import PPOTrainer, RecoveryError
+from rlhf_ray.trainer.ppo import PPOTrainer
+from rlhf_ray.trainer.recovery import RecoveryError
 from rlhf_ray.trainer.roles import RoleDied, RoleTimeout, wait_for
 from tests.test_ppo_e2e import tiny_rl_config
 
@@ -35,6 +36,19 @@ def task(tmp_path_factory):
     return write_task(
         tmp_path_factory.mktemp("task"), seed=0, n_demos=10, n_train_prompts=200, n_eval_prompts=8
     )
+
+
+def kill(actor) -> None:
+    """`ray.kill`, then wait until the actor is really gone (the kill is asynchronous)."""
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=30)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{actor} still answers 60 s after ray.kill")
 
 
 @pytest.mark.slow
@@ -57,13 +71,13 @@ def test_engine_and_rank_deaths_are_survived_then_the_run_gives_up(ray_local, ti
         roles = trainer.roles
         if step == 2 and "engine" not in killed:  # between steps: step 3's generation meets a dead engine
             killed.append("engine")
-            ray.kill(roles.engines[0], no_restart=True)
+            kill(roles.engines[0])
         elif step == 4 and "rank" not in killed:  # the last checkpoint is step 3
             killed.append("rank")
-            ray.kill(roles.policy.group.actors[1], no_restart=True)
+            kill(roles.policy.group.actors[1])
         elif step == 5 and "reward" not in killed:  # a third failure: past run.max_restarts=2
             killed.append("reward")
-            ray.kill(roles.reward, no_restart=True)
+            kill(roles.reward)
 
     try:
         with pytest.raises(RecoveryError) as info:
@@ -94,6 +108,9 @@ def test_engine_and_rank_deaths_are_survived_then_the_run_gives_up(ray_local, ti
 
 @ray.remote(num_cpus=0)
 class _Sleeper:
+    def ping(self) -> bool:
+        return True
+
     def nap(self, seconds: float) -> float:
         time.sleep(seconds)
         return seconds
@@ -109,7 +126,7 @@ def test_waits_end_at_the_deadline_and_name_the_role(ray_local):
     with pytest.raises(RoleTimeout, match=r"no answer within 1 s from: reward model\. .*run\.call_timeout_s"):
         wait_for({"reference model": doomed.nap.remote(0), "reward model": slow.nap.remote(30)}, 1.0)
     assert time.perf_counter() - start < 10
-    ray.kill(doomed, no_restart=True)
+    kill(doomed)
     start = time.perf_counter()
     with pytest.raises(RoleDied, match=r"^policy rank 1: an actor it depends on died .*ActorDiedError"):
         wait_for({"policy rank 0": slow.nap.remote(20), "policy rank 1": doomed.nap.remote(0)}, 60)

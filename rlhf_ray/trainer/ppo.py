@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -30,10 +29,12 @@ from rlhf_ray.experience import RewardNormalizer
 from rlhf_ray.metrics import MetricsLogger, plain, plot_metrics
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.trainer.offline import require_model_dir
-from rlhf_ray.trainer.roles import RECOVERABLE, Roles, probe, restart, start_roles, wait_for
+from rlhf_ray.trainer.recovery import RecoveryError, RecoveryMixin, RolledBack
+from rlhf_ray.trainer.roles import Roles, start_roles, wait_for
 from rlhf_ray.trainer.tasks import concat_batches, eval_function_task, experience_task
 from rlhf_ray.trainer.weight_sync import make_weight_sync
 
+__all__ = ["DriverState", "PPOTrainer", "RecoveryError", "check_inputs", "run_ppo"]
 log = logging.getLogger(__name__)
 STATE_FILE = "driver_state.json"
 
@@ -46,14 +47,6 @@ class DriverState:
     kl: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     normalizer: dict[str, float] | None = None
-
-
-class RecoveryError(RuntimeError):
-    """The run met more failures than `run.max_restarts` allows; the message says how to resume."""
-
-
-class _RolledBack(Exception):
-    """Recovery restored the last checkpoint: the loop carries on from `PPOTrainer.step`."""
 
 
 def check_inputs(cfg: RLHFConfig) -> None:
@@ -82,7 +75,7 @@ def mean_dicts(dicts: list[dict[str, float]], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": float(np.mean([d[k] for d in dicts if k in d])) for k in sorted(keys)}
 
 
-class PPOTrainer:
+class PPOTrainer(RecoveryMixin):
     """One RL run. `fit()` trains for `run.total_steps` steps and returns the final summary."""
 
     def __init__(self, cfg: RLHFConfig):
@@ -102,17 +95,15 @@ class PPOTrainer:
             self.eval_prompts = [
                 ids for _, ids in eval_source.next(min(cfg.run.eval_prompts, len(eval_source)))
             ]
-        self.kl_ctl = kl_controller(cfg)
-        self.normalizer = RewardNormalizer() if cfg.algorithm.normalize_reward else None
         self.ckpt = CheckpointManager(
             ckpt_dir, cfg.checkpoint.keep_last, cfg.hash(), identity=cfg.checkpoint_identity()
         )
         latest = self.ckpt.latest() if cfg.checkpoint.resume else None
         if latest is not None:
             self.ckpt.verify(latest, check_files=False)  # a checkpoint of another model/config: refuse now
-        self.step = 0
-        self.restarts = 0  # recoveries so far (bounded by run.max_restarts)
         self._initial_data = self.prompts.state_dict()
+        self.reset_driver_state()
+        self.restarts = 0  # recoveries so far (bounded by run.max_restarts)
         self._logger: MetricsLogger | None = None
         self.roles: Roles | None = None
         (self.out / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -124,6 +115,14 @@ class PPOTrainer:
         latest = self.ckpt.latest() if self.cfg.checkpoint.resume else None
         if latest is not None:
             self.restore(latest)
+
+    def reset_driver_state(self) -> None:
+        """The driver's side of a fresh run: step 0, the first data position, a new KL controller and
+        reward normaliser (the trainers' side is their initial weights)."""
+        self.step = 0
+        self.prompts.load_state_dict(self._initial_data)
+        self.kl_ctl = kl_controller(self.cfg)
+        self.normalizer = RewardNormalizer() if self.cfg.algorithm.normalize_reward else None
 
     def shutdown(self) -> None:
         if self.roles is not None:
@@ -156,7 +155,7 @@ class PPOTrainer:
                         "saving the policy",
                     )
                     break
-                except _RolledBack:
+                except RolledBack:
                     continue
         finally:
             self._logger.close()
@@ -277,102 +276,6 @@ class PPOTrainer:
         policy_stats = mean_dicts([v for k, v in results.items() if k.startswith("policy")], "policy/")
         critic_stats = mean_dicts([v for k, v in results.items() if k.startswith("critic")], "critic/")
         return policy_stats | critic_stats, time.perf_counter() - t
-
-    # ---- recovery -------------------------------------------------------------------------------
-    def _attempt(self, fn: Callable[[], Any], phase: str, again: Callable[[], None] | None = None) -> Any:
-        """`fn()`, recovering from dead or hung actors (`_recover`) and calling it again (after `again()`,
-        which rewinds what the failed call consumed). Raises `_RolledBack` when recovery restored a
-        checkpoint, `RecoveryError` past `run.max_restarts`."""
-        while True:
-            try:
-                return fn()
-            except RECOVERABLE as exc:
-                self._recover(exc, phase)
-                if again is not None:
-                    again()
-
-    def _recover(self, exc: BaseException, phase: str) -> None:
-        """Find the roles that died or hung (`probe`), start fresh ones on the same bundles (`restart`),
-        then either re-sync the engines to the policy's current weights (only engines, the reference or
-        the reward actor were replaced, and the update was not under way: the step is retried) or load
-        the last complete checkpoint into every trainer (a trainer rank was lost, or the update failed
-        half-way) and raise `_RolledBack`. Each attempt counts against `run.max_restarts`."""
-        cfg = self.cfg
-        rollback = phase == "training"
-        while True:
-            bad = probe(self.roles, cfg.run.call_timeout_s)
-            self.restarts += 1
-            what = f"{type(exc).__name__}: {exc}".strip()
-            if self.restarts > cfg.run.max_restarts:
-                raise RecoveryError(self._give_up_message(phase, what, bad)) from exc
-            log.warning(
-                "step %d (%s) failed: %s; not answering: %s; recovering (%d of run.max_restarts=%d)",
-                self.step + 1,
-                phase,
-                what.splitlines()[0],
-                ", ".join(bad) or "none",
-                self.restarts,
-                cfg.run.max_restarts,
-            )
-            try:
-                if bad:
-                    restart(self.roles, bad)
-                    self.sync = make_weight_sync(cfg, self.roles)
-                rollback = rollback or "policy" in bad or "critic" in bad
-                if rollback:
-                    self._rollback(fresh=bad)
-                else:
-                    self.sync.sync()  # a fresh engine starts from the initial weights
-            except RECOVERABLE as again:
-                exc = again
-                continue
-            if rollback:
-                raise _RolledBack
-            return
-
-    def _give_up_message(self, phase: str, what: str, bad: list[str]) -> str:
-        latest = self.ckpt.latest()
-        resume = f"the last complete checkpoint is {latest}" if latest else "no checkpoint was written yet"
-        return (
-            f"the RL run gave up at step {self.step + 1} ({phase}) after {self.restarts - 1} recoveries "
-            f"(run.max_restarts={self.cfg.run.max_restarts}); dead or not answering: {', '.join(bad) or 'none'}; "
-            f"last failure: {what}. Nothing written is lost: {resume}, and running the same command again "
-            f"resumes from it (checkpoint.resume=true). If the same role keeps failing, read its actor log; "
-            f"raise run.max_restarts to tolerate more failures"
-        )
-
-    def _rollback(self, fresh: list[str]) -> None:
-        """Back to the last complete checkpoint (or to the start when there is none): trainers' weights
-        and optimiser state, data position, KL controller, reward normaliser; metrics rows of the steps
-        undone are dropped, so every step appears once in metrics.jsonl."""
-        cfg = self.cfg
-        latest = self.ckpt.latest()
-        if latest is not None:
-            self.restore(latest)
-        else:
-            trained = [n for n in ("policy", "critic") if n in self.roles.names() and n not in fresh]
-            if trained:  # no checkpoint: surviving trainers hold updated weights; start them afresh
-                restart(self.roles, trained)
-                self.sync = make_weight_sync(cfg, self.roles)
-            self.step = 0
-            self.kl_ctl = kl_controller(cfg)
-            self.prompts.load_state_dict(self._initial_data)
-            self.normalizer = RewardNormalizer() if cfg.algorithm.normalize_reward else None
-            self.sync.sync()
-        self._drop_metrics_after(self.step)
-        seed_everything(cfg.run.seed + self.step)
-        log.warning("rolled back to step %d (%s)", self.step, latest or "initial weights")
-
-    def _drop_metrics_after(self, step: int) -> None:
-        self._logger.close()
-        path = self._logger.path
-        if path.exists():
-            rows = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line + "\n" for line in rows if json.loads(line)["step"] <= step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
-        self._logger = MetricsLogger(self.out, self.cfg.logging, self.cfg.run.total_steps, start_step=step)
 
     def _wait_timed(self, named: dict[str, Any], start: float, timeout: float) -> dict[str, float]:
         """Wait for refs started together; each role's time is when its result became ready."""
