@@ -86,8 +86,8 @@ def ours_overrides(w: dict[str, Any]) -> list[str]:
         "algorithm.ppo_epochs=1",
         f"trainer.micro_batch_size={w['micro_batch']}",
         "trainer.num_ranks=1",
-        f"trainer.lr={w['lr']}",
-        f"algorithm.kl_coef={w['beta']}",
+        f"trainer.lr={w['lr']:.6e}",  # '1e-06' is a string to YAML; '1.000000e-06' is a number
+        f"algorithm.kl_coef={w['beta']:.6e}",
         "algorithm.kl_estimator=k3",
         "algorithm.kl_in=loss",
         "algorithm.clip_eps=0.2",

@@ -65,7 +65,11 @@ def run_grid(rounds: int, quick: bool) -> list[dict[str, Any]]:
         *overrides,
         "trainer.num_ranks=1",
         f"rollout.max_new_tokens={max_len}",  # sizes the engine's context; each variant asks for its own
-        "algorithm.mini_batch_size=100000",  # the whole batch is one optimiser step, whatever its size
+        # the largest batch of the grid is the config's batch and mini-batch, so that every variant's whole
+        # batch is one optimiser step (the ranks split a batch into mini-batches of this size)
+        f"run.prompts_per_step={max(v['prompts'] for v in grid)}",
+        f"rollout.samples_per_prompt={max(v['samples'] for v in grid)}",
+        f"algorithm.mini_batch_size={max(v['prompts'] * v['samples'] for v in grid)}",
     ]
     records: list[dict[str, Any]] = [dict(v, rows=[]) for v in grid]
     with OursSession(config, overrides, (rounds + 1) * len(grid)) as s:
@@ -94,7 +98,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "generate_s": spread([r["metrics"]["time/generate"] for r in rows]),
         "train_s": spread([r["metrics"]["time/train"] for r in rows]),
         "overhead_frac": spread([r["timeline"]["overhead_frac"] for r in rows]),
-        "samples": rows[0]["sequences"],
+        "samples_per_step": rows[0]["sequences"],
         "mean_response_len": sum(r["generated_tokens"] for r in rows) / sum(r["sequences"] for r in rows),
         "samples_per_s": sum(r["sequences"] for r in rows) / sum(r["metrics"]["time/step"] for r in rows),
     }
