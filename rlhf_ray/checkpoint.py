@@ -98,7 +98,7 @@ class CheckpointManager:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._prune()
+        self._prune(step)
         return final
 
     def complete(self) -> list[Path]:
@@ -143,8 +143,18 @@ class CheckpointManager:
         ]
         return "; ".join(diffs) or "config hashes differ"
 
-    def _prune(self) -> None:
-        for old in self.complete()[: -self.keep_last]:
+    def _prune(self, step: int) -> None:
+        """Keep the newest `keep_last` checkpoints up to `step` (the one just written); checkpoints of
+        later steps belong to another run sharing the directory and are not this run's to delete."""
+        mine = [p for p in self.complete() if _step_of(p) <= step]
+        for old in mine[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.dir.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.removeprefix(PREFIX))
+    except ValueError:
+        return -1

@@ -56,3 +56,26 @@ def test_refuses_other_config_and_damaged_files(tmp_path):
     (mgr.latest() / "policy" / "weights.bin").write_text("tampered")
     with pytest.raises(CheckpointError, match="damaged: policy/weights.bin"):
         mgr.verify(mgr.latest())
+
+
+def test_prune_never_deletes_the_new_checkpoint_nor_another_runs_later_ones(tmp_path):
+    """A directory that still holds a later step of an earlier run: saving (and pruning) keeps the
+    checkpoint just written and leaves the other run's alone."""
+    CheckpointManager(tmp_path, config_hash="old").save(100, writer("old run"))
+    mgr = CheckpointManager(tmp_path, keep_last=1, config_hash="new")
+    for step in (1, 2, 3):
+        assert mgr.save(step, writer(f"w{step}")).is_dir()
+    assert [p.name for p in mgr.complete()] == ["step-00000003", "step-00000100"]
+
+
+def test_manifest_names_the_settings_that_differ(tmp_path):
+    CheckpointManager(
+        tmp_path, config_hash="a", identity={"model.policy_path": "/m1", "trainer.zero_stage": 2}
+    ).save(1, writer("x"))
+    now = CheckpointManager(
+        tmp_path, config_hash="b", identity={"model.policy_path": "/m2", "trainer.zero_stage": 2}
+    )
+    with pytest.raises(
+        CheckpointError, match=r"model.policy_path: '/m1' in the checkpoint, '/m2' now\); refusing"
+    ):
+        now.verify(now.latest())

@@ -24,7 +24,7 @@ from rlhf_ray.checkpoint import CheckpointManager
 from rlhf_ray.data.synthetic import write_task
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.trainer.ppo import PPOTrainer
-from rlhf_ray.trainer.recovery import RecoveryError
+from rlhf_ray.trainer.recovery import RecoveryError, drop_rows_after
 from rlhf_ray.trainer.roles import RoleDied, RoleTimeout, wait_for
 from tests.test_ppo_e2e import tiny_rl_config
 
@@ -183,3 +183,14 @@ def test_process_killed_while_writing_a_checkpoint_keeps_the_previous_one(tmp_pa
     mgr.save(2, lambda tmp: (tmp / "state.json").write_text(json.dumps({"ok": True})))
     assert [p.name for p in mgr.complete()] == ["step-00000001", "step-00000002"]
     assert not any(p.name.startswith(".tmp-") for p in ckpt.iterdir())
+
+
+def test_rows_of_undone_steps_are_dropped(tmp_path):
+    """Going back to a checkpoint (recovery, or a resubmitted job) drops the metrics rows of the steps
+    that will be done again, so every step appears once; nothing is touched when there are none."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "reward/mean": s / 10}) + "\n" for s in range(6)))
+    assert drop_rows_after(path, 3) == 2
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2, 3]
+    assert drop_rows_after(path, 3) == 0
+    assert drop_rows_after(tmp_path / "absent.jsonl", 3) == 0

@@ -29,7 +29,7 @@ from rlhf_ray.experience import RewardNormalizer
 from rlhf_ray.metrics import MetricsLogger, plain, plot_metrics
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.trainer.offline import require_model_dir
-from rlhf_ray.trainer.recovery import RecoveryError, RecoveryMixin, RolledBack
+from rlhf_ray.trainer.recovery import RecoveryError, RecoveryMixin, RolledBack, drop_rows_after
 from rlhf_ray.trainer.roles import Roles, start_roles, wait_for
 from rlhf_ray.trainer.tasks import concat_batches, eval_function_task, experience_task
 from rlhf_ray.trainer.weight_sync import make_weight_sync
@@ -98,9 +98,17 @@ class PPOTrainer(RecoveryMixin):
         self.ckpt = CheckpointManager(
             ckpt_dir, cfg.checkpoint.keep_last, cfg.hash(), identity=cfg.checkpoint_identity()
         )
-        latest = self.ckpt.latest() if cfg.checkpoint.resume else None
-        if latest is not None:
+        latest = self.ckpt.latest()
+        if latest is not None and cfg.checkpoint.resume:
             self.ckpt.verify(latest, check_files=False)  # a checkpoint of another model/config: refuse now
+        elif latest is not None:
+            log.warning(
+                "%s already holds checkpoints (newest %s) and checkpoint.resume=false: this run starts over "
+                "beside them; give it its own run.output_dir to keep runs apart",
+                self.ckpt.dir,
+                latest.name,
+            )
+        self.last_checkpoint: Path | None = None  # the newest this run wrote or resumed from
         self._initial_data = self.prompts.state_dict()
         self.reset_driver_state()
         self.restarts = 0  # recoveries so far (bounded by run.max_restarts)
@@ -115,6 +123,12 @@ class PPOTrainer(RecoveryMixin):
         latest = self.ckpt.latest() if self.cfg.checkpoint.resume else None
         if latest is not None:
             self.restore(latest)
+            # a run that died after its last checkpoint logged steps that are now done again
+            dropped = drop_rows_after(self.out / "metrics.jsonl", self.step)
+            if dropped:
+                log.warning(
+                    "metrics.jsonl: dropped %d rows after step %d (they are done again)", dropped, self.step
+                )
 
     def reset_driver_state(self) -> None:
         """The driver's side of a fresh run: step 0, the first data position, a new KL controller and
@@ -324,10 +338,12 @@ class PPOTrainer(RecoveryMixin):
             )
             (tmp / STATE_FILE).write_text(json.dumps(vars(state)))
 
-        return self.ckpt.save(self.step, write)
+        self.last_checkpoint = self.ckpt.save(self.step, write)
+        return self.last_checkpoint
 
     def restore(self, path: Path) -> None:
         manifest = self.ckpt.verify(path)
+        self.last_checkpoint = path
         roles, timeout = self.roles, self.cfg.run.call_timeout_s
         roles.policy.load_checkpoint(str(path / "policy"), timeout)
         if roles.critic is not None:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rlhf_ray.metrics import MetricsLogger
@@ -27,6 +28,7 @@ from rlhf_ray.trainer.roles import RECOVERABLE, probe, restart
 from rlhf_ray.trainer.weight_sync import make_weight_sync
 
 log = logging.getLogger(__name__)
+STEP_PHASES = ("experience", "training", "weight sync")  # the parts of a step (`PPOTrainer.train_step`)
 
 
 class RecoveryError(RuntimeError):
@@ -38,8 +40,9 @@ class RolledBack(Exception):
 
 
 class RecoveryMixin:
-    """The recovery half of `PPOTrainer`, which provides cfg, roles, sync, ckpt, step, restarts, out,
-    _logger, `restore(path)` and `reset_driver_state()`."""
+    """The recovery half of `PPOTrainer`, which provides cfg, roles, sync, step, restarts, out, _logger,
+    last_checkpoint (the newest this run wrote or resumed from), `restore(path)` and
+    `reset_driver_state()`."""
 
     def _attempt(self, fn: Callable[[], Any], phase: str, again: Callable[[], None] | None = None) -> Any:
         """`fn()`, recovering from dead or hung actors (`_recover`) and calling it again (after `again()`,
@@ -68,9 +71,8 @@ class RecoveryMixin:
             if self.restarts > cfg.run.max_restarts:
                 raise RecoveryError(self._give_up_message(phase, what, bad)) from exc
             log.warning(
-                "step %d (%s) failed: %s; not answering: %s; recovering (%d of run.max_restarts=%d)",
-                self.step + 1,
-                phase,
+                "%s failed: %s; not answering: %s; recovering (%d of run.max_restarts=%d)",
+                self._where(phase),
                 what.splitlines()[0],
                 ", ".join(bad) or "none",
                 self.restarts,
@@ -92,11 +94,16 @@ class RecoveryMixin:
                 raise RolledBack
             return
 
+    def _where(self, phase: str) -> str:
+        if phase in STEP_PHASES:
+            return f"step {self.step + 1} ({phase})"
+        return f"{phase} after step {self.step}"
+
     def _give_up_message(self, phase: str, what: str, bad: list[str]) -> str:
-        latest = self.ckpt.latest()
+        latest = self.last_checkpoint
         resume = f"the last complete checkpoint is {latest}" if latest else "no checkpoint was written yet"
         return (
-            f"the RL run gave up at step {self.step + 1} ({phase}) after {self.restarts - 1} recoveries "
+            f"the RL run gave up at {self._where(phase)} after {self.restarts - 1} recoveries "
             f"(run.max_restarts={self.cfg.run.max_restarts}); dead or not answering: {', '.join(bad) or 'none'}; "
             f"last failure: {what}. Nothing written is lost: {resume}, and running the same command again "
             f"resumes from it (checkpoint.resume=true). If the same role keeps failing, read its actor log; "
@@ -108,7 +115,7 @@ class RecoveryMixin:
         and optimiser state, data position, KL controller, reward normaliser; metrics rows of the steps
         undone are dropped, so every step appears once in metrics.jsonl."""
         cfg = self.cfg
-        latest = self.ckpt.latest()
+        latest = self.last_checkpoint  # this run's own (the directory may hold another run's too)
         if latest is not None:
             self.restore(latest)
         else:
@@ -123,11 +130,19 @@ class RecoveryMixin:
 
     def _drop_metrics_after(self, step: int) -> None:
         self._logger.close()
-        path = self._logger.path
-        if path.exists():
-            rows = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line + "\n" for line in rows if json.loads(line)["step"] <= step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
+        drop_rows_after(self._logger.path, step)
         self._logger = MetricsLogger(self.out, self.cfg.logging, self.cfg.run.total_steps, start_step=step)
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Remove the rows of steps after `step` from a metrics JSONL file (atomically); returns how many.
+    Used when a run goes back to a checkpoint, so that the steps it does again appear once."""
+    if not path.exists():
+        return 0
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line + "\n" for line in rows if json.loads(line)["step"] <= step]
+    if len(kept) < len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return len(rows) - len(kept)
