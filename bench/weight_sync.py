@@ -15,13 +15,14 @@ python -m bench.weight_sync --quick        # tiny only, 5 syncs per transport (~
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from typing import Any
 
 import numpy as np
 
-from bench.common import machine, snapshot, spread, workload_overrides, write_result
+from bench.common import RESULTS, machine, snapshot, spread, workload_overrides, write_result
 
 
 def measure(workload: str, syncs: int) -> dict[str, Any]:
@@ -115,7 +116,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     names = args.workloads or (["tiny"] if args.quick else ["tiny", "smollm2"])
     syncs = args.syncs or (5 if args.quick else 10)
-    result: dict[str, Any] = {"machine": machine(), "workloads": {}}
+    name_out = "weight_sync_quick" if args.quick else "weight_sync"
+    previous = RESULTS / f"{name_out}.json"
+    # a run of some workloads keeps the other workloads' earlier figures in the same file
+    kept = json.loads(previous.read_text()).get("workloads", {}) if previous.is_file() else {}
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "workloads": {k: v for k, v in kept.items() if k not in names},
+    }
     print("| model | bytes | transport | wall s (median [min-max]) | engine reload s | MB/s |")
     print("|---|---:|---|---:|---:|---:|")
     for name in names:
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{res[t]['engine_reload_s']['median']:.3f} | {res[t]['mb_per_s']:.0f} |",
                 flush=True,
             )
-    path = write_result("weight_sync_quick" if args.quick else "weight_sync", result)
+    path = write_result(name_out, result)
     print(f"wrote {path}")
     return result
 
