@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"config error: {exc}")
     print(result.table)
     print(json.dumps(result.paths, indent=1))
+    if not result.finished:
+        sys.exit("the sweep was interrupted before every trial finished: run the same command to resume it")
     return {"rows": result.rows, "best": result.best, "paths": result.paths, "restored": result.restored}
 
 

@@ -131,25 +131,35 @@ def summarise_trial(
     reports: Any,
     error: BaseException | None,
     *,
+    tune_status: str,
     total_steps: int,
     metric: str,
     window: int,
+    trial_id: str = "",
 ) -> dict[str, Any]:
-    """One table row from a trial's reports (a pandas DataFrame or a list of dicts, one per step):
-    mean of the last `window` steps of the reward, the KL and the metric, the last evaluation."""
+    """One table row from a trial's reports (a pandas DataFrame or a list of dicts, one per step; a step
+    reported again after a resume counts once, with its newest values): mean of the last `window` steps
+    of the reward, the KL and the metric, the last evaluation. `tune_status` is Tune's (TERMINATED, ERROR,
+    PENDING, RUNNING, PAUSED): a trial neither TERMINATED nor ERROR was interrupted."""
     if reports is None:
         reports = []
-    rows = reports.to_dict("records") if hasattr(reports, "to_dict") else list(reports)
-    steps = max((int(r["step"]) for r in rows if _finite(r.get("step"))), default=0)
-    if error is not None:
-        status = f"error: {type(error).__name__}: {str(error).splitlines()[0][:80] if str(error) else ''}"
+    records = reports.to_dict("records") if hasattr(reports, "to_dict") else list(reports)
+    by_step = {int(r["step"]): r for r in records if _finite(r.get("step"))}
+    rows = [by_step[k] for k in sorted(by_step)]
+    steps = max(by_step, default=0)
+    finished = tune_status in ("TERMINATED", "ERROR") or error is not None
+    if error is not None or tune_status == "ERROR":
+        first = str(error).strip().splitlines()[0][:80] if error is not None and str(error).strip() else ""
+        status = f"error: {type(error).__name__ if error is not None else 'failed'}: {first}"
+    elif not finished:
+        status = f"interrupted at step {steps} (run the sweep again to resume)"
     elif steps >= total_steps:
         status = "completed"
     else:
         status = "stopped early (ASHA)"
     gold = [r["eval/gold"] for r in rows if _finite(r.get("eval/gold"))]
     return {
-        "trial": str(rows[-1].get("trial_id", "")) if rows else "",
+        "trial": trial_id or (str(rows[-1].get("trial_id", "")) if rows else ""),
         "kl_coef": float(config["kl_coef"]),
         "lr": float(config["lr"]),
         "steps": steps,
@@ -159,7 +169,8 @@ def summarise_trial(
         "gold": gold[-1] if gold else math.nan,
         "metric": _tail_mean(rows, metric, window),
         "output_dir": str(rows[-1].get("output_dir", "")) if rows else "",
-        "error": error is not None,
+        "error": status.startswith("error"),
+        "finished": finished,
     }
 
 
@@ -182,8 +193,8 @@ def pareto_front(rows: list[dict[str, Any]]) -> set[int]:
 
 
 def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """The trial with the best `metric` (mean of its last steps) among those that did not fail."""
-    ok = [r for r in rows if not r["error"] and _finite(r["metric"])]
+    """The trial with the best `metric` (mean of its last steps) among the finished ones that did not fail."""
+    ok = [r for r in rows if r["finished"] and not r["error"] and _finite(r["metric"])]
     if not ok:
         return None
     return (max if mode == "max" else min)(ok, key=lambda r: r["metric"])

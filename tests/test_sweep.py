@@ -17,7 +17,14 @@ from jobs.sweep import parse
 from rlhf_ray.config import ConfigError, RLHFConfig
 from rlhf_ray.data.synthetic import write_task
 from rlhf_ray.metrics import read_metrics
-from rlhf_ray.tune import SweepConfig, best_row, format_table, load_sweep_config, pareto_front
+from rlhf_ray.tune import (
+    SweepConfig,
+    best_row,
+    format_table,
+    load_sweep_config,
+    pareto_front,
+    summarise_trial,
+)
 
 # ---- fast ---------------------------------------------------------------------------------------------
 
@@ -72,6 +79,7 @@ def _row(trial, kl_coef, lr, reward, kl, error=False, steps=4):
         "metric": reward,
         "output_dir": "",
         "error": error,
+        "finished": True,
     }
 
 
@@ -88,6 +96,29 @@ def test_front_and_best():
     table = format_table(rows, "reward/mean", 3)
     assert table.splitlines()[0].startswith("| trial | kl_coef | lr | steps | reward (last 3) | kl (last 3)")
     assert [line.split(" | ")[-2] for line in table.splitlines()[2:]] == ["*", "*", "", ""]
+
+
+def test_summarise_trial_statuses_and_resumed_steps():
+    reports = [  # steps 1-3, then a resume from the step-2 checkpoint reported steps 3-4 again
+        {"step": 1, "reward/mean": 0.1, "kl": 0.0},
+        {"step": 2, "reward/mean": 0.2, "kl": 0.1},
+        {"step": 3, "reward/mean": 9.9, "kl": 9.9},
+        {"step": 3, "reward/mean": 0.3, "kl": 0.2, "eval/gold": 0.5},
+        {"step": 4, "reward/mean": 0.4, "kl": 0.3, "eval/gold": 0.6},
+    ]
+    kw = {"total_steps": 4, "metric": "reward/mean", "window": 2, "trial_id": "t1"}
+    row = summarise_trial({"kl_coef": 0.1, "lr": 1e-3}, reports, None, tune_status="TERMINATED", **kw)
+    assert (row["steps"], row["status"], row["gold"]) == (4, "completed", 0.6)
+    assert row["reward"] == pytest.approx(0.35) and row["kl"] == pytest.approx(0.25)  # the newest step 3
+    stopped = summarise_trial({"kl_coef": 0.1, "lr": 1e-3}, reports[:2], None, tune_status="TERMINATED", **kw)
+    assert stopped["status"] == "stopped early (ASHA)" and stopped["finished"]
+    cut = summarise_trial({"kl_coef": 0.1, "lr": 1e-3}, reports[:2], None, tune_status="PENDING", **kw)
+    assert cut["status"].startswith("interrupted at step 2") and not cut["finished"]
+    failed = summarise_trial(
+        {"kl_coef": 0.1, "lr": 1e-3}, [], ValueError("bad\nmore"), tune_status="ERROR", **kw
+    )
+    assert failed["status"] == "error: ValueError: bad" and failed["error"] and failed["steps"] == 0
+    assert best_row([cut, failed], "reward/mean", "max") is None  # neither finished cleanly
 
 
 # ---- a real sweep --------------------------------------------------------------------------------------
@@ -152,7 +183,7 @@ def test_four_trial_sweep_then_restore(ray_local, tiny_model_dir, task, tmp_path
     result = run_sweep(cfg, sweep)
     print(result.table)
     rows = result.rows
-    assert not result.restored
+    assert not result.restored and result.finished
     assert sorted((r["kl_coef"], r["lr"]) for r in rows) == [
         (0.01, 1e-4),
         (0.01, 2e-3),
@@ -203,7 +234,7 @@ def test_four_trial_sweep_then_restore(ray_local, tiny_model_dir, task, tmp_path
         for r in rows
     }
     again = run_sweep(cfg, sweep)
-    assert again.restored
+    assert again.restored and again.finished
     assert [(r["trial"], r["steps"], r["reward"]) for r in again.rows] == [
         (r["trial"], r["steps"], r["reward"]) for r in rows
     ]

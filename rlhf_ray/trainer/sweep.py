@@ -23,6 +23,7 @@ from ray import tune
 
 from actors.placement import layout
 from rlhf_ray.config import ConfigError, RLHFConfig
+from rlhf_ray.metrics import read_metrics
 from rlhf_ray.trainer.ppo import PPOTrainer
 from rlhf_ray.trainer.roles import needs_critic
 from rlhf_ray.tune import SweepConfig, best_row, summarise_trial, write_results
@@ -93,8 +94,10 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> 
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         carried.update({k: v for k, v in numbers.items() if k.startswith("eval/")})
         tune.report({**numbers, **carried, "step": step, "output_dir": str(cfg.run.output_dir)})
+        reported.append(step)
 
     trainer = PPOTrainer(cfg)
+    reported = []
     try:
         trainer.start()
         plan = trainer.roles.plan
@@ -105,6 +108,10 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> 
         )
         carried["placement/in_trial_group"] = in_trial_group
         trainer.fit(on_step=on_step)
+        if not reported:  # resumed from a checkpoint of its last step: tell Tune where the run ended
+            last = [r for r in read_metrics(Path(cfg.run.output_dir) / "metrics.jsonl") if "step" in r]
+            if last:
+                on_step(int(last[-1]["step"]), last[-1])
     finally:
         trainer.shutdown()
 
@@ -159,7 +166,8 @@ class SweepResult:
     best: dict[str, Any] | None
     table: str  # the markdown table printed at the end
     paths: dict[str, str] = field(default_factory=dict)  # results_md, results_csv, best_config, tune
-    restored: bool = False
+    restored: bool = False  # resumed an earlier, interrupted run of the same sweep
+    finished: bool = True  # False: interrupted with trials left; the same call again resumes them
 
 
 def run_sweep(cfg: RLHFConfig, sweep: SweepConfig) -> SweepResult:
@@ -170,26 +178,37 @@ def run_sweep(cfg: RLHFConfig, sweep: SweepConfig) -> SweepResult:
     cfg = absolute_paths(cfg)
     check_trial_fits(cfg, sweep)
     tuner, restored = make_tuner(cfg, sweep)
-    grid = tuner.fit()
+    grid = tuner.fit()  # returns (does not raise) when interrupted: Ctrl-C, `ray job stop`
+    out = Path(sweep.output_dir).resolve()
+    exp = out / "tune" / sweep.name
+    results = {Path(r.path).name: r for r in grid if r.path}
     rows = []
-    for result in grid:
+    for trial in tune.ExperimentAnalysis(str(exp)).trials:  # every trial Tune made, with its status
+        result = results.get(Path(trial.path).name)
         rows.append(
             summarise_trial(
-                result.config,
-                result.metrics_dataframe,
-                result.error,
+                trial.config,
+                None if result is None else result.metrics_dataframe,
+                None if result is None else result.error,
+                tune_status=trial.status,
                 total_steps=cfg.run.total_steps,
                 metric=sweep.metric,
                 window=sweep.window,
+                trial_id=trial.trial_id,
             )
         )
     rows.sort(key=lambda r: (r["kl_coef"], r["lr"]))
     best = best_row(rows, sweep.metric, sweep.mode)
     best_cfg = None if best is None else RLHFConfig.from_dict(with_params(cfg.to_dict(), best))
-    out = Path(sweep.output_dir).resolve()
     table, paths = write_results(out, rows, best, best_cfg, sweep)
-    paths["tune"] = str(out / "tune" / sweep.name)
-    return SweepResult(rows=rows, best=best, table=table, paths=paths, restored=restored)
+    paths["tune"] = str(exp)
+    finished = len(rows) == expected_trials(sweep) and all(r["finished"] for r in rows)
+    return SweepResult(rows=rows, best=best, table=table, paths=paths, restored=restored, finished=finished)
+
+
+def expected_trials(sweep: SweepConfig) -> int:
+    per_sample = len(sweep.kl_coef) * len(sweep.lr) if sweep.search == "grid" else 1
+    return per_sample * sweep.num_samples
 
 
 def check_trial_fits(cfg: RLHFConfig, sweep: SweepConfig) -> None:
