@@ -166,6 +166,40 @@ class CheckpointConfig:
 
 
 @dataclass
+class OfflineStageConfig:
+    """Settings of one offline stage (read by `rlhf_ray.trainer.offline.stage_settings`; the jobs'
+    --epochs/--batch-size/--lr flags override them)."""
+
+    epochs: int = 1
+    batch_size: int = 32  # sequences (SFT) or pairs (reward model, DPO) per optimiser step, all ranks
+    lr: float | None = None  # None: trainer.lr
+    beta: float = 0.1  # DPO only: strength of the implicit KL to the reference
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO only
+
+
+@dataclass
+class OfflineConfig:
+    sft: OfflineStageConfig = field(default_factory=OfflineStageConfig)
+    reward_model: OfflineStageConfig = field(default_factory=OfflineStageConfig)
+    dpo: OfflineStageConfig = field(default_factory=OfflineStageConfig)
+
+
+@dataclass
+class PipelineConfig:
+    """The four-stage job (`jobs.pipeline`) on the synthetic task: where the run lives, the task's sizes,
+    how many preference pairs to sample and how the final report evaluates. Each stage's own settings are
+    the sections above (offline.sft, offline.reward_model, and the rest for RL)."""
+
+    output_dir: str = "runs/pipeline"  # task/, sft/, preferences/, reward_model/, rl/, summary.json
+    n_demos: int = 8000  # noisy demonstrations for SFT
+    n_train_prompts: int = 4000  # prompts for preference sampling and RL
+    n_eval_prompts: int = 500  # held-out prompts: RL evaluation and the final report
+    preference_prompts: int = 4000  # prompts sampled twice by the SFT policy (pairs <= this)
+    report_greedy: bool = True  # the report also scores greedy answers (temperature-1 samples always)
+    min_gold_gain: float = 0.02  # smallest rise of the sampled gold score that counts as an improvement
+
+
+@dataclass
 class RLHFConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -177,6 +211,8 @@ class RLHFConfig:
     run: RunConfig = field(default_factory=RunConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -405,6 +441,32 @@ class RLHFConfig:
             res: RoleResources = getattr(self.placement, role)
             checks.append((f"placement.{role}.num_cpus", res.num_cpus, res.num_cpus >= 0, "a number >= 0"))
             checks.append((f"placement.{role}.num_gpus", res.num_gpus, res.num_gpus >= 0, "a number >= 0"))
+        for stage in ("sft", "reward_model", "dpo"):
+            st: OfflineStageConfig = getattr(self.offline, stage)
+            checks += [
+                (f"offline.{stage}.epochs", st.epochs, st.epochs >= 1, "an integer >= 1"),
+                (f"offline.{stage}.batch_size", st.batch_size, st.batch_size >= 1, "an integer >= 1"),
+                (
+                    f"offline.{stage}.lr",
+                    st.lr,
+                    st.lr is None or st.lr > 0,
+                    "null (trainer.lr) or a number > 0",
+                ),
+                (f"offline.{stage}.beta", st.beta, st.beta > 0, "a number > 0"),
+            ]
+        pipe = self.pipeline
+        checks += [
+            ("pipeline.n_demos", pipe.n_demos, pipe.n_demos >= 1, "an integer >= 1"),
+            ("pipeline.n_train_prompts", pipe.n_train_prompts, pipe.n_train_prompts >= 1, "an integer >= 1"),
+            ("pipeline.n_eval_prompts", pipe.n_eval_prompts, pipe.n_eval_prompts >= 1, "an integer >= 1"),
+            (
+                "pipeline.preference_prompts",
+                pipe.preference_prompts,
+                pipe.preference_prompts >= 2,
+                "an integer >= 2",
+            ),
+            ("pipeline.min_gold_gain", pipe.min_gold_gain, pipe.min_gold_gain >= 0, "a number >= 0"),
+        ]
         for key, value, ok, allowed in checks:
             if not ok:
                 raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}")

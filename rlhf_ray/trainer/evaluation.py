@@ -1,0 +1,114 @@
+"""Held-out evaluation of the SFT and the RL policy for the pipeline's report.
+
+Both policies answer the same held-out prompts on their own vLLM `RolloutEngine`: one temperature-1
+sample per prompt with the same seeds (the honest measure: what the policy actually does) and, if asked,
+the greedy answer. Prompts (the first `pipeline.n_eval_prompts` of `data.eval_path`) and seeds
+(`run.seed`) are those of `PPOTrainer.evaluate`, so with `run.eval_prompts` equal to
+`pipeline.n_eval_prompts` the RL curve's first and last points are these figures. Each answer gets the hidden gold score (`run.eval_function`), the learned reward
+model's score, its length and, for samples, its KL to the reference (the SFT policy): the sum over the
+answer's tokens of log pi(token) - log pi_ref(token), whose mean over samples of pi estimates
+KL(pi || pi_ref) per answer without bias (the k1 estimator at the sequence level). Both log-probs come
+from vLLM at temperature 1: the sampler's own, and the SFT engine scoring the answer (`logprobs`), so
+the SFT policy's KL to itself is 0 up to float noise.
+
+Per-answer values are kept, so the report can pair the two policies prompt by prompt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from rlhf_ray.batch import Batch
+from rlhf_ray.config import RLHFConfig
+from rlhf_ray.trainer.pipeline import Layout
+from rlhf_ray.trainer.pipeline_stages import role_options
+from rlhf_ray.trainer.roles import wait_for
+
+
+@ray.remote(num_cpus=0)
+def answer_stats(
+    function: str, batch: Batch, scores: Batch, ref_logprobs: torch.Tensor | None
+) -> dict[str, list[float]]:
+    """Per answer: gold (`function`), reward (the reward model's score), length in tokens and, when
+    reference log-probs are given, the answer's log-ratio to the reference (its KL contribution)."""
+    from rlhf_ray.rewards import check_scores, load_rule_function
+
+    fn = load_rule_function(function)
+    mask = batch["response_mask"]
+    out = {
+        "gold": check_scores(fn(batch.meta["prompt"], batch.meta["response"]), len(batch), function),
+        "reward": scores["scores"].float().tolist(),
+        "length": mask.sum(1).tolist(),
+    }
+    if ref_logprobs is not None:
+        out["kl"] = ((batch["rollout_logprobs"] - ref_logprobs) * mask).sum(1).tolist()
+    return out
+
+
+def held_out_prompts(cfg: RLHFConfig) -> list[list[int]]:
+    """Token ids of every held-out prompt (`data.eval_path`, at most `pipeline.n_eval_prompts`)."""
+    from rlhf_ray.data import encode_prompts, load_records
+    from rlhf_ray.models import load_tokenizer
+
+    records = load_records(cfg.data.eval_path, [cfg.data.prompt_field])
+    records = records.select(range(min(len(records), cfg.pipeline.n_eval_prompts)))
+    tokenizer = load_tokenizer(cfg.model.policy_path, cfg.data.chat_template)
+    _, ids, _ = encode_prompts(records[cfg.data.prompt_field], tokenizer, cfg.data, what="held-out prompt")
+    return [x for x in ids if x is not None]
+
+
+def evaluate_policies(
+    cfg: RLHFConfig, policies: dict[str, str | Path], reference: str
+) -> dict[str, dict[str, Any]]:
+    """{policy: {"sampled": per-answer stats, "greedy": ...}} for each named policy directory; the reward
+    model is `model.reward_path`; the reference is the policy named `reference` (it must be one of them)."""
+    import dataclasses
+
+    from actors.reward import RewardModel
+    from actors.rollout import RolloutEngine
+
+    if reference not in policies:
+        raise ValueError(
+            f"evaluate_policies: reference {reference!r} is not one of the policies {list(policies)}"
+        )
+
+    prompts = held_out_prompts(cfg)
+    function = cfg.run.eval_function or ""
+    engines = {
+        name: RolloutEngine.options(**role_options(cfg, "rollout")).remote(
+            dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, policy_path=str(path)))
+        )
+        for name, path in policies.items()
+    }
+    reward = RewardModel.options(**role_options(cfg, "reward")).remote(cfg)
+    try:
+        pending = {}
+        seed = cfg.run.seed  # as PPOTrainer.evaluate
+        for name, engine in engines.items():
+            sampled = engine.generate.remote(prompts, 1, seed=seed)
+            pending[f"{name}/sampled"] = answer_stats.remote(
+                function, sampled, reward.score.remote(sampled), engines[reference].logprobs.remote(sampled)
+            )
+            if cfg.pipeline.report_greedy:
+                greedy = engine.generate.remote(prompts, 1, greedy=True)
+                pending[f"{name}/greedy"] = answer_stats.remote(
+                    function, greedy, reward.score.remote(greedy), None
+                )
+        results = wait_for(pending, cfg.run.call_timeout_s)
+    finally:
+        for handle in (*engines.values(), reward):
+            ray.kill(handle, no_restart=True)
+    out: dict[str, dict[str, Any]] = {name: {} for name in policies}
+    for key, stats in results.items():
+        name, mode = key.split("/")
+        out[name][mode] = stats
+    return out
+
+
+def evaluate_stage(cfg: RLHFConfig, lay: Layout) -> dict[str, Any]:
+    """The pipeline's evaluation: the SFT policy against the RL policy on the held-out prompts."""
+    return evaluate_policies(cfg, {"sft": lay.sft, "rl": lay.rl_policy}, reference="sft")
