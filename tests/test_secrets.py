@@ -5,17 +5,18 @@ none of them into any file it makes, nor into the driver's output or the Ray wor
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
-import ray
 
 from rlhf_ray.data.synthetic import write_task
 from rlhf_ray.runtime import runtime_env_vars
-from rlhf_ray.trainer.ppo import PPOTrainer
-from tests.ray_fixtures import start_local_ray
 from tests.test_ppo_e2e import tiny_rl_config
 
 SECRETS = {
@@ -28,23 +29,29 @@ SECRETS = {
 SECRET_NAME = re.compile(r"(^|_)(KEY|TOKEN|SECRET|PASSWORD)(_|$)")
 
 
-@pytest.fixture(scope="module")
-def ray_with_secrets():
-    """A private Ray cluster started with the secrets in the environment, so every actor inherits them."""
-    saved = {k: os.environ.get(k) for k in SECRETS}
-    os.environ.update(SECRETS)
+RUN = textwrap.dedent(
+    """
+    import json, os, sys
+    import ray
+    from rlhf_ray.config import RLHFConfig
+    from rlhf_ray.runtime import setup_process_env
+    from rlhf_ray.trainer.ppo import PPOTrainer
+    from tests.ray_fixtures import start_local_ray
+
+    setup_process_env()
+    start_local_ray()
+    seen = ray.get(ray.remote(lambda: os.environ.get("WANDB_API_KEY")).remote(), timeout=300)
+    seen = seen is not None and seen == os.environ["WANDB_API_KEY"]  # never print the value itself
+    trainer = PPOTrainer(RLHFConfig.from_dict(json.loads(sys.argv[1])))
     try:
-        start_local_ray()
-        try:
-            yield Path(ray._private.worker._global_node.get_session_dir_path())
-        finally:
-            ray.shutdown()
+        summary = trainer.fit()
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        trainer.shutdown()
+    session = ray._private.worker._global_node.get_session_dir_path()
+    ray.shutdown()
+    print("RESULT " + json.dumps({"session": session, "step": summary["step"], "actor_saw": seen}))
+    """
+)
 
 
 def files_with_secrets(root: Path) -> dict[str, list[str]]:
@@ -60,8 +67,9 @@ def files_with_secrets(root: Path) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_run_writes_no_secret_anywhere(ray_with_secrets, tiny_model_dir, tmp_path, capfd):
-    session_dir = ray_with_secrets
+def test_a_run_writes_no_secret_anywhere(tiny_model_dir, tmp_path):
+    """The run is its own process (driver, its Ray cluster and every actor carry the secrets), so that
+    the secrets, the fake Ray token above all, never reach this test process's later Ray sessions."""
     task = write_task(tmp_path / "task", seed=0, n_demos=10, n_train_prompts=50, n_eval_prompts=4)
     out = tmp_path / "run"
     cfg = tiny_rl_config(
@@ -72,27 +80,28 @@ def test_a_run_writes_no_secret_anywhere(ray_with_secrets, tiny_model_dir, tmp_p
         checkpoint={"interval": 1},
         logging={"tensorboard": True, "progress_bar": True},
     )
-    # The actors do see the secrets (so the check below is not vacuous).
-    probe = ray.remote(lambda: os.environ.get("WANDB_API_KEY"))
-    assert ray.get(probe.remote(), timeout=120) == SECRETS["WANDB_API_KEY"]
-
-    trainer = PPOTrainer(cfg)
-    try:
-        summary = trainer.fit()
-    finally:
-        trainer.shutdown()
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN, json.dumps(cfg.to_dict())],
+        cwd=root,
+        env={**os.environ, **SECRETS, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["actor_saw"] is True  # the actors had the secrets: the search below is not vacuous
+    assert result["step"] == 2
 
     written = [p for p in out.rglob("*") if p.is_file()]
     names = {p.name for p in written}
     assert {"metrics.jsonl", "config.yaml", "manifest.json", "driver_state.json", "config.json"} <= names
     assert any(p.name.startswith("events.out.tfevents") for p in written)
-    assert summary["step"] == 2
     assert files_with_secrets(out) == {}
-
-    captured = capfd.readouterr()
     for name, value in SECRETS.items():
-        assert value not in captured.out and value not in captured.err, name
-    logs = session_dir / "logs"
+        assert value not in proc.stdout and value not in proc.stderr, name
+    logs = Path(result["session"]) / "logs"
     assert any(logs.rglob("worker-*.out")), "no worker logs to check"
     assert files_with_secrets(logs) == {}
 
