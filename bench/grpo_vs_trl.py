@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, machine, smollm2_dir, snapshot, spread, tiny_model_dir, write_result
+from bench.common import RESULTS, ROOT, machine, smollm2_dir, snapshot, spread, tiny_model_dir, write_result
 from bench.ours_run import run_ours_subprocess
 
 TRL_PYTHON = ROOT / "bench" / ".trl-venv" / "bin" / "python"
@@ -155,14 +155,24 @@ def run_trl(w: dict[str, Any], warmup: int, steps: int, threads: int) -> dict[st
 
 
 def compare(
-    name: str, w: dict[str, Any], repeats: int, warmup: int, steps: int, trl_threads: int
+    name: str,
+    w: dict[str, Any],
+    repeats: int,
+    warmup: int,
+    steps: int,
+    trl_threads: int,
+    earlier: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    runs: list[dict[str, Any]] = []
-    for r in range(repeats):
+    """`repeats` more pairs of runs (order alternating), summarised together with `earlier` runs of the
+    same workload (from a previous invocation with --append)."""
+    runs: list[dict[str, Any]] = list(earlier or [])
+    first = 1 + max((x["repeat"] for x in runs), default=-1)
+    for r in range(first, first + repeats):
         order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")
         for side in order:
             run = run_ours(w, warmup, steps) if side == "ours" else run_trl(w, warmup, steps, trl_threads)
             run["repeat"] = r
+            run["timed_steps"], run["warmup_steps"] = steps, warmup
             runs.append(run)
             print(
                 f"{name} repeat {r} {side}: {run['samples_per_s']:.2f} samples/s, steps "
@@ -170,15 +180,24 @@ def compare(
                 f"{run['load']['start']['load_avg'][0]}",
                 flush=True,
             )
-    ours = [x["samples_per_s"] for x in runs if x["side"] == "ours"]
-    trl = [x["samples_per_s"] for x in runs if x["side"] == "trl"]
-    paired = [o / t for o, t in zip(ours, trl)]
+    return summarise(w, runs, trl_threads)
+
+
+def summarise(w: dict[str, Any], runs: list[dict[str, Any]], trl_threads: int) -> dict[str, Any]:
+    side = {
+        k: sorted((x for x in runs if x["side"] == k), key=lambda x: x["repeat"]) for k in ("ours", "trl")
+    }
+    ours = [x["samples_per_s"] for x in side["ours"]]
+    trl = [x["samples_per_s"] for x in side["trl"]]
+    paired = [o / t for o, t in zip(ours, trl)]  # the two runs of one repeat, back to back
     o_med, t_med = spread(ours)["median"], spread(trl)["median"]
+    steps = sorted({x.get("timed_steps", len(x["step_s"])) for x in runs})
     return {
         "workload": (
             f"{Path(w['model']).name}: {w['prompts_per_step']} prompts x {w['samples']} samples, "
             f"<= {w['max_new_tokens']} new tokens, KL beta {w['beta']}, fp32, one optimiser step per batch "
-            f"(micro-batch {w['micro_batch']}), {steps} timed steps after {warmup} warm-up, {repeats} repeats"
+            f"(micro-batch {w['micro_batch']}), {'/'.join(map(str, steps))} timed steps per run after a "
+            f"warm-up step, {len(paired)} repeats"
         ),
         "spec": w,
         "precision": "float32 on both sides (CPU)",
@@ -186,10 +205,10 @@ def compare(
         "ours_samples_per_s": spread(ours),
         "trl_samples_per_s": spread(trl),
         "ratio": spread(paired) | {"of_medians": o_med / t_med},
-        "ours_startup_s": spread([x["startup_s"] for x in runs if x["side"] == "ours"]),
-        "trl_startup_s": spread([x["startup_s"] for x in runs if x["side"] == "trl"]),
-        "ours_mean_response_len": spread([x["mean_response_len"] for x in runs if x["side"] == "ours"]),
-        "trl_mean_response_len": spread([x["mean_response_len"] for x in runs if x["side"] == "trl"]),
+        "ours_startup_s": spread([x["startup_s"] for x in side["ours"]]),
+        "trl_startup_s": spread([x["startup_s"] for x in side["trl"]]),
+        "ours_mean_response_len": spread([x["mean_response_len"] for x in side["ours"]]),
+        "trl_mean_response_len": spread([x["mean_response_len"] for x in side["trl"]]),
         "runs": runs,
     }
 
@@ -209,6 +228,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "2.8x faster than 2 threads; our actors also run 1 thread each)",
     )
     p.add_argument("--name", default=None, help="result file bench/results/<name>.json")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add the new repeats to the runs already in the result file (summaries over all of them)",
+    )
     args = p.parse_args(argv)
     if not TRL_PYTHON.is_file():
         sys.exit(f"TRL is not installed in {TRL_PYTHON.parent.parent}: run `bash bench/setup_trl.sh` first")
@@ -217,17 +241,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [n for n in names if n not in all_specs]
     if unknown:
         sys.exit(f"unknown workload(s) {unknown}: choose from {list(all_specs)}")
-    result: dict[str, Any] = {"machine": machine(), "load_at_start": snapshot(), "workloads": {}}
     out_name = args.name or ("grpo_vs_trl_quick" if args.quick else "grpo_vs_trl")
+    result: dict[str, Any] = {"machine": machine(), "load_at_start": snapshot(), "workloads": {}}
+    if args.append and (RESULTS / f"{out_name}.json").is_file():
+        result = json.loads((RESULTS / f"{out_name}.json").read_text())
     for name in names:
         w = all_specs[name]
         big = w["workload"] == "smollm2"
         steps = args.steps or (5 if args.quick else (2 if big else 10))
         repeats = 1 if args.quick else (args.repeats or (2 if big else 3))
-        result["workloads"][name] = compare(name, w, repeats, args.warmup, steps, args.trl_threads)
-        head = result["workloads"][names[0] if names[0] in result["workloads"] else name]
+        earlier = result["workloads"].get(name, {}).get("runs", [])
+        result["workloads"][name] = compare(name, w, repeats, args.warmup, steps, args.trl_threads, earlier)
+        headline = next((n for n in all_specs if n in result["workloads"]), name)  # the first spec measured
+        head = result["workloads"][headline]
         result |= {k: head[k] for k in ("workload", "ours_samples_per_s", "trl_samples_per_s", "ratio")}
-        result["headline"] = names[0] if names[0] in result["workloads"] else name
+        result["headline"] = headline
         result["load_at_end"] = snapshot()
         write_result(out_name, result)  # after every workload: a cut-off run keeps what it measured
     for name, res in result["workloads"].items():

@@ -80,7 +80,7 @@ def step_breakdown(events: list[dict[str, Any]], start_s: float, end_s: float) -
             if kind == "execute":
                 per_actor[role][e["tid"]] += b - a
                 busy.append((max(a, lo), min(b, hi)))
-            elif kind == "deserialize":
+            elif kind == "deserialize_arguments":
                 fetch += b - a
             else:
                 store += b - a
