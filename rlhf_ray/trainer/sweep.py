@@ -91,6 +91,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> 
     carried: dict[str, float] = {}
 
     def on_step(step: int, metrics: dict[str, Any]) -> None:
+        if not reported:  # the step-0 evaluation (or the last one before a resume) is only in the log
+            carried.update(last_evaluation(Path(cfg.run.output_dir) / "metrics.jsonl"))
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         carried.update({k: v for k, v in numbers.items() if k.startswith("eval/")})
         tune.report({**numbers, **carried, "step": step, "output_dir": str(cfg.run.output_dir)})
@@ -114,6 +116,17 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> 
                 on_step(int(last[-1]["step"]), last[-1])
     finally:
         trainer.shutdown()
+
+
+def last_evaluation(metrics_file: Path) -> dict[str, float]:
+    """The newest value of every `eval/*` metric in a run's metrics.jsonl (empty when there is none)."""
+    found: dict[str, float] = {}
+    if metrics_file.is_file():
+        for row in read_metrics(metrics_file):
+            found.update(
+                {k: float(v) for k, v in row.items() if k.startswith("eval/") and isinstance(v, int | float)}
+            )
+    return found
 
 
 def make_tuner(cfg: RLHFConfig, sweep: SweepConfig) -> tuple[tune.Tuner, bool]:
@@ -212,7 +225,14 @@ def expected_trials(sweep: SweepConfig) -> int:
 
 
 def check_trial_fits(cfg: RLHFConfig, sweep: SweepConfig) -> None:
-    """One trial's bundles against the cluster's total: otherwise Tune would wait forever."""
+    """One trial's bundles against the cluster's total: otherwise Tune would wait forever. An `eval/*`
+    metric needs evaluation data (Tune refuses reports that lack the metric)."""
+    if sweep.metric.startswith("eval/") and not (cfg.data.eval_path and cfg.run.eval_prompts):
+        raise ConfigError(
+            f"sweep metric={sweep.metric!r} comes from evaluations, but this run makes none: set "
+            f"data.eval_path and run.eval_prompts > 0 (and run.eval_interval for more than one), or "
+            f"use a per-step metric such as reward/mean"
+        )
     pgf = trial_resources(cfg, sweep.trial_cpus)
     need = pgf.required_resources
     have = ray.cluster_resources()
