@@ -10,7 +10,7 @@ import ray
 import torch
 
 from actors.deepspeed_rank import DeepSpeedRank, LossWeights
-from actors.worker_group import TrainerHandle, as_ref, concat_batches
+from actors.worker_group import TrainerHandle, as_ref, joined
 from rlhf_ray.algorithms import value_loss, value_loss_stats
 from rlhf_ray.batch import Batch
 from rlhf_ray.models import load_value_model, token_values
@@ -65,7 +65,7 @@ class CriticTrainer(TrainerHandle):
 
     def compute_values(self, batch_ref: ray.ObjectRef | Batch) -> ray.ObjectRef:
         """Ref of a Batch with `values` for every sample of `batch_ref`, in order."""
-        return concat_batches.remote(*self.group.call("compute_values", as_ref(batch_ref)))
+        return joined(self.group.call("compute_values", as_ref(batch_ref)))
 
     def train(self, batch_ref: ray.ObjectRef | Batch) -> list[ray.ObjectRef]:
         """One critic update (algorithm.ppo_epochs over mini-batches); refs of the per-rank stats dicts."""

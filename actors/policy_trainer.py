@@ -11,7 +11,7 @@ import ray
 import torch
 
 from actors.deepspeed_rank import DeepSpeedRank, LossWeights
-from actors.worker_group import TrainerHandle, as_ref, concat_batches, wait_all
+from actors.worker_group import TrainerHandle, as_ref, joined, wait_all
 from rlhf_ray.algorithms import kl_estimate, masked_mean, ppo_policy_loss
 from rlhf_ray.batch import Batch
 from rlhf_ray.models import load_causal_lm, sequence_logprobs
@@ -84,7 +84,7 @@ class PolicyTrainer(TrainerHandle):
 
     def compute_logprobs(self, batch_ref: ray.ObjectRef | Batch) -> ray.ObjectRef:
         """Ref of a Batch with `logprobs` and `entropy` for every sample of `batch_ref`, in order."""
-        return concat_batches.remote(*self.group.call("compute_logprobs", as_ref(batch_ref)))
+        return joined(self.group.call("compute_logprobs", as_ref(batch_ref)))
 
     def train(self, batch_ref: ray.ObjectRef | Batch, kl_coef: float) -> list[ray.ObjectRef]:
         """One PPO update (algorithm.ppo_epochs over mini-batches); refs of the per-rank stats dicts

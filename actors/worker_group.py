@@ -54,6 +54,11 @@ def concat_batches(*shards: Any) -> Any:
     return Batch.concat(shards)
 
 
+def joined(shards: list[ray.ObjectRef]) -> ray.ObjectRef:
+    """One ref to the ranks' shards joined in rank order; a single rank's shard as it is."""
+    return shards[0] if len(shards) == 1 else concat_batches.remote(*shards)
+
+
 def as_ref(value: Any) -> ray.ObjectRef:
     """`value` itself when it is already a ref, else a ref to a copy put in the object store."""
     return value if isinstance(value, ray.ObjectRef) else ray.put(value)

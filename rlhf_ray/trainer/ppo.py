@@ -248,7 +248,8 @@ class PPOTrainer(RecoveryMixin):
             for k, (e, idx) in enumerate(zip(roles.engines, shards))
             if len(idx)
         ]
-        rollout = concat_batches.remote(*parts)
+        # One engine: its batch as it is (a glue task costs a worker round trip per step).
+        rollout = parts[0] if len(parts) == 1 else concat_batches.remote(*parts)
         wait_for({"rollout engines": rollout}, timeout, fetch=False)
         times["time/generate"] = time.perf_counter() - t0
 
