@@ -163,6 +163,23 @@ def sweep_rl_config(model_dir, task) -> RLHFConfig:
 
 
 @pytest.mark.slow
+def test_refuses_what_cannot_run(ray_local, tiny_model_dir, task, tmp_path):
+    """Before any trial starts: a trial larger than the cluster, an eval metric without evaluations."""
+    from rlhf_ray.trainer.sweep import run_sweep
+
+    big = sweep_rl_config(tiny_model_dir, task).with_overrides(["trainer.num_ranks=8"])
+    with pytest.raises(
+        ConfigError,
+        match=r"one sweep trial needs more than the whole cluster \(CPU: needs 11, cluster has 8\)",
+    ):
+        run_sweep(big, SweepConfig(output_dir=str(tmp_path / "a")))
+    no_eval = sweep_rl_config(tiny_model_dir, task).with_overrides(["run.eval_prompts=0"])
+    with pytest.raises(ConfigError, match="comes from evaluations, but this run makes none"):
+        run_sweep(no_eval, SweepConfig(output_dir=str(tmp_path / "b"), metric="eval/gold"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_four_trial_sweep_then_restore(ray_local, tiny_model_dir, task, tmp_path):
     from rlhf_ray.trainer.sweep import run_sweep, trial_resources

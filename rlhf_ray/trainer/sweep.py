@@ -67,9 +67,8 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], out_dir: Path) ->
     d = with_params(base, params)
     d.setdefault("run", {})["output_dir"] = str(out_dir)
     d.setdefault("checkpoint", {})["dir"] = None  # <out_dir>/checkpoints: trials must not share one
-    d.setdefault("logging", {})["progress_bar"] = (
-        False  # the per-step rows stay; a bar in Tune's log does not
-    )
+    # the per-step rows stay in the trial's log; a progress bar there would not
+    d.setdefault("logging", {})["progress_bar"] = False
     return RLHFConfig.from_dict(d)
 
 
@@ -89,6 +88,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, Path(trials_dir) / trial_id)
     carried: dict[str, float] = {}
+    reported: list[int] = []  # the steps reported to Tune by this run of the trial
 
     def on_step(step: int, metrics: dict[str, Any]) -> None:
         if not reported:  # the step-0 evaluation (or the last one before a resume) is only in the log
@@ -99,7 +99,6 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> 
         reported.append(step)
 
     trainer = PPOTrainer(cfg)
-    reported = []
     try:
         trainer.start()
         plan = trainer.roles.plan
@@ -138,7 +137,11 @@ def make_tuner(cfg: RLHFConfig, sweep: SweepConfig) -> tuple[tune.Tuner, bool]:
         trial_resources(cfg, sweep.trial_cpus),
     )
     if sweep.resume and tune.Tuner.can_restore(str(exp)):
-        log.info("resuming the sweep in %s", exp)
+        log.warning(
+            "resuming the sweep in %s with its saved search space and scheduler (this call's search "
+            "settings are not used; --restart or a new --out/--name starts a new sweep)",
+            exp,
+        )
         return tune.Tuner.restore(str(exp), trainable, resume_unfinished=True, resume_errored=True), True
     scheduler = None
     if sweep.asha:
