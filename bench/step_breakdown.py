@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=None, help="timed steps per workload")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny only, 3 timed steps")
-    p.add_argument("--name", default="step_breakdown", help="result file bench/results/<name>.json")
+    p.add_argument("--name", default=None, help="result file bench/results/<name>.json")
     args = p.parse_args(argv)
     names = args.workloads or (["tiny"] if args.quick else list(WORKLOADS))
     result: dict[str, Any] = {"machine": machine(), "workloads": {}}
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         text.append(markdown(name, record, summary))
         print(text[-1], flush=True)
-    path = write_result(args.name, result)
+    path = write_result(args.name or ("step_breakdown_quick" if args.quick else "step_breakdown"), result)
     print(f"wrote {path}")
     return result
 
