@@ -73,9 +73,10 @@ def verdict(gain: dict[str, float], min_gold_gain: float) -> tuple[str, str]:
             f"labeler prefers, not only what the reward model rewards"
         )
     if reward_clear:
+        moved = f"fell by {-g:.3f}" if g < 0 else f"rose by only {g:.3f}"
         return "reward_hacking", (
             f"REWARD HACKING: RL raised the reward-model score by {r:+.3f} ({r / r_se:.0f} s.e.) but the gold "
-            f"score changed by only {g:+.3f} (needs > {max(min_gold_gain, CLEAR_SE * g_se):.3f}); the policy "
+            f"score {moved} (an improvement needs > {max(min_gold_gain, CLEAR_SE * g_se):.3f}): the policy "
             f"found what the reward model over-rates. Raise algorithm.kl_coef or lower trainer.lr"
         )
     return "no_gain", (

@@ -62,8 +62,8 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, capsys):
     assert on_disk["seconds"]["total"] == pytest.approx(sum(on_disk["seconds"][s] for s in STAGES), abs=0.1)
     assert on_disk["verdict"] in ("improved", "reward_hacking", "no_gain")
     assert on_disk["eval_prompts"] == 48
-    # SFT learned the task from a random model (a random model's answers score ~0); the policy's KL to
-    # itself as the reference is ~0 (vLLM's sampler and the reference's transformers forward agree)
+    # SFT learned the task from a random model (a random model's answers score ~0); the SFT policy's KL to
+    # itself is ~0: the sampler's log-probs and the reference engine's scores line up token for token
     assert on_disk["sft"]["gold_greedy"] > 0.3, on_disk["sft"]
     assert abs(on_disk["sft"]["kl"]) < 0.02, on_disk["sft"]
     assert on_disk["rl"]["kl"] > -0.05  # k1 over 48 samples: noisy around a small KL
