@@ -171,6 +171,20 @@ def scaling(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def train(res: dict[str, Any]) -> list[str]:
+    out = [
+        f"Model {Path(res['model']).name}, batch {res['batch']} x {res['tokens_per_sequence']} tokens, micro-batch "
+        f"{res['micro_batch']}, {res['threads']} thread; load average at start {res['load'][0]['load_avg']}, "
+        f"at end {res['load'][-1]['load_avg']}.",
+        "",
+        "| variant | training pass s | tokens/s |",
+        "|---|---:|---:|",
+    ]
+    for k, v in res["variants"].items():
+        out.append(f"| {k} | {_mmm(v['step_s'])} | {v['tokens_per_s']:.0f} |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--results", default=str(RESULTS))
@@ -182,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         ("Compute floor", "compute_floor", floor),
         ("Weight sync", "weight_sync", sync),
         ("Scaling", "scaling", scaling),
+        ("Training pass", "train_step", train),
     ]
     for title, name, fn in sections:
         res = _load(results, name)
