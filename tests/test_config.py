@@ -120,3 +120,11 @@ def test_hash_tracks_model_and_algorithm_not_logging():
     assert a.hash() == a.with_overrides(["logging.tensorboard=false", "run.total_steps=5"]).hash()
     assert a.hash() != a.with_overrides(["algorithm.clip_eps=0.3"]).hash()
     assert a.hash() != a.with_overrides(["model.policy_path=/other"]).hash()
+
+
+def test_exponent_without_dot_is_a_number():
+    # YAML 1.1 reads `1e-6` as a string; in a float field it means the number
+    cfg = RLHFConfig.from_dict(apply_overrides({"trainer": {"lr": "1e-6"}}, ["algorithm.kl_coef=5e-2"]))
+    assert cfg.trainer.lr == 1e-6 and cfg.algorithm.kl_coef == 0.05
+    with pytest.raises(ConfigError, match="trainer.lr"):
+        RLHFConfig.from_dict({"trainer": {"lr": "fast"}})
