@@ -15,6 +15,8 @@ from rlhf_ray.config import LoggingConfig
 
 BAR_KEYS = {"reward/mean": "reward", "kl": "kl", "eval/gold": "gold", "tokens_per_s": "tok/s"}
 ROW_KEYS = {
+    "train/loss": "loss",
+    "eval/loss": "eval loss",
     "reward/mean": "reward",
     "kl": "kl",
     "policy/entropy": "entropy",
@@ -69,12 +71,17 @@ class MetricsLogger:
         (s0, t0), (s1, t1) = self._recent[0], self._recent[-1]
         per_step = (t1 - t0) / (s1 - s0) if s1 > s0 else float("nan")
         eta = per_step * (self.total_steps - step)
-        cells = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"]
+        known_total = self.total_steps > 0  # the offline stages may not know their step count
+        cells = [
+            f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}" if known_total else f"step {step}"
+        ]
         cells += [
             f"{short} {record[k]:.4g}" for k, short in ROW_KEYS.items() if isinstance(record.get(k), float)
         ]
         if math.isfinite(per_step):
-            cells += [f"{per_step:.2f} s/step", f"ETA {_clock(eta)}"]
+            cells.append(f"{per_step:.2f} s/step")
+            if known_total and eta >= 0:
+                cells.append(f"ETA {_clock(eta)}")
         line = " | ".join(cells)
         if self._bar is not None:
             self._bar.write(line)

@@ -40,3 +40,11 @@ def test_plain_unwraps_numbers():
     assert plain(float("nan")) is None
     assert plain(float("inf")) == float("inf")
     assert plain("text") == "text"
+
+
+def test_rows_without_a_known_total(tmp_path, capsys):
+    logger = MetricsLogger(tmp_path, LoggingConfig(tensorboard=False, progress_bar=False), total_steps=0)
+    logger.log(400, {"train/loss": 0.5})
+    logger.close()
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("step"))
+    assert line.startswith("step 400") and "/0" not in line and "ETA" not in line

@@ -173,10 +173,15 @@ def fit_epochs(
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "metrics.jsonl").unlink(missing_ok=True)  # one run per directory: start a fresh file
     (log_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    sinks = LoggingConfig(jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard, progress_bar=False)
-    logger = MetricsLogger(log_dir, sinks, total_steps=0)
     per_epoch = math.ceil(len(train) / settings.batch_size)
     total = settings.epochs * per_epoch
+    sinks = LoggingConfig(
+        jsonl=cfg.logging.jsonl,
+        tensorboard=cfg.logging.tensorboard,
+        progress_bar=False,  # the stage shows its own bar
+        log_interval=cfg.logging.log_interval,
+    )
+    logger = MetricsLogger(log_dir, sinks, total_steps=total)
     bar = _progress(stage, total, cfg.logging.progress_bar)
     start = time.perf_counter()
     first_eval = last_eval = evaluate() if evaluate else {}
