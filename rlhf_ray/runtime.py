@@ -4,6 +4,7 @@ resources a process was given. One code path for CPU and GPU: callers ask here i
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -64,6 +65,23 @@ def setup_process_env() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs every weight reload at INFO
     if not has_gpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    clear_stale_extension_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
+
+
+def clear_stale_extension_locks(extensions_dir: Path, min_age_s: float = 120.0) -> list[Path]:
+    """Remove the build lock of a torch extension that is already built. A process killed while holding
+    the lock (torch's FileBaton) leaves it behind, and every later DeepSpeed start waits on it forever;
+    once the extension's .so exists and the lock is older than `min_age_s`, no build can own it."""
+    removed = []
+    for lock in extensions_dir.glob("*/lock") if extensions_dir.is_dir() else ():
+        try:
+            built = any(lock.parent.glob("*.so"))
+            if built and time.time() - lock.stat().st_mtime > min_age_s:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:
+            pass  # another process cleared it first
+    return removed
 
 
 def runtime_env_vars() -> dict[str, str]:
