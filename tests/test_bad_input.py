@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any
 
@@ -30,6 +28,7 @@ from rlhf_ray.models import ModelError, load_tokenizer
 from rlhf_ray.rewards import RemoteScorer, RewardError, load_rule_function, score_with_rule
 from rlhf_ray.trainer.offline import load_split
 from rlhf_ray.trainer.ppo import PPOTrainer
+from tests.http_scorer import ScorerServer
 from tests.test_ppo_e2e import tiny_rl_config
 
 PROMPTS = ["sort: 3 1 2 =", "sort: 5 4 ="]
@@ -130,32 +129,16 @@ class Scorer:
     """A local HTTP scorer that answers `body` after `delay` seconds."""
 
     def __init__(self, body: bytes, delay: float = 0.0):
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                time.sleep(delay)
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+        def respond(_request, _attempt):
+            time.sleep(delay)
+            return 200, body
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
+        self.server = ScorerServer(respond)
+        self.url = self.server.url
 
     def score(self, timeout_s: float = 5.0) -> list[float]:
-        try:
+        with self.server:
             return RemoteScorer(self.url, timeout_s=timeout_s, retries=1, backoff_s=0.01)(PROMPTS, RESPONSES)
-        finally:
-            self.server.shutdown()
-            self.server.server_close()
 
 
 def write_module(env, name: str, source: str) -> None:

@@ -4,9 +4,7 @@ servers (good, down, garbage, slow, flaky), all on 127.0.0.1."""
 import json
 import math
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from rlhf_ray.rewards import (
     score_with_rule,
     serve_rule_function,
 )
+from tests.http_scorer import ScorerServer
 
 PROMPTS = ["sort: 3 1 2 =", "sort: 5 4 =", "sort: 9 9 0 ="]
 RESPONSES = ["1 2 3", "4", "0 9 9 9"]
@@ -98,42 +97,6 @@ def test_check_scores_rejects(scores, match):
 
 
 # ---- the HTTP scorer ------------------------------------------------------------------------------
-class _Server:
-    """A local HTTP server whose answer is `respond(request_json, attempt) -> (status, body bytes)`."""
-
-    def __init__(self, respond):
-        self.attempts = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                outer.attempts += 1
-                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status, body = respond(request, outer.attempts)
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_remote_scorer_against_served_rule_function():
     server, url = serve_rule_function(gold_reward)
     try:
@@ -187,7 +150,7 @@ def test_remote_scorer_server_down_fails_fast_and_clearly():
     ],
 )
 def test_remote_scorer_garbage_answers(body, match):
-    with _Server(lambda req, attempt: (200, body)) as srv:
+    with ScorerServer(lambda req, attempt: (200, body)) as srv:
         with pytest.raises(RewardError, match=match) as info:
             RemoteScorer(srv.url, timeout_s=5, retries=2)(PROMPTS, RESPONSES)
         assert srv.url in str(info.value)
@@ -200,16 +163,16 @@ def test_remote_scorer_retries_server_errors_then_succeeds():
             return 503, b"busy"
         return 200, json.dumps({"scores": [float(len(r)) for r in req["responses"]]}).encode()
 
-    with _Server(flaky) as srv:
+    with ScorerServer(flaky) as srv:
         scores = RemoteScorer(srv.url, timeout_s=5, retries=2, backoff_s=0.01)(PROMPTS, RESPONSES)
         assert scores == [float(len(r)) for r in RESPONSES] and srv.attempts == 3
     server_error = r"unavailable after 2 attempts \(HTTP 500: 'internal'\)"
     with (
-        _Server(lambda req, attempt: (500, b"internal")) as srv,
+        ScorerServer(lambda req, attempt: (500, b"internal")) as srv,
         pytest.raises(RewardError, match=server_error),
     ):
         RemoteScorer(srv.url, timeout_s=5, retries=1, backoff_s=0.01)(PROMPTS, RESPONSES)
-    with _Server(lambda req, attempt: (404, b"no such route")) as srv:
+    with ScorerServer(lambda req, attempt: (404, b"no such route")) as srv:
         with pytest.raises(RewardError, match="rejected the request with HTTP 404"):
             RemoteScorer(srv.url, timeout_s=5, retries=2)(PROMPTS, RESPONSES)
         assert srv.attempts == 1
@@ -220,7 +183,7 @@ def test_remote_scorer_slow_server_times_out():
         time.sleep(2.0)
         return 200, json.dumps({"scores": [0.0] * len(req["responses"])}).encode()
 
-    with _Server(slow) as srv:
+    with ScorerServer(slow) as srv:
         start = time.perf_counter()
         with pytest.raises(RewardError, match=r"did not answer within reward.timeout_s=0.3 s"):
             RemoteScorer(srv.url, timeout_s=0.3, retries=2)(PROMPTS, RESPONSES)
