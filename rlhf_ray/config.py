@@ -150,6 +150,9 @@ class RunConfig:
     )
     call_timeout_s: float = 1800.0  # longest wait for any role's answer before the run fails naming that role
     max_restarts: int = 3  # recoveries from dead/hung actors in one run; past it the run stops (resumable)
+    # longest wait for a restarted role's placement-group bundle to get a node again (its node was lost);
+    # past it the run stops, naming the roles and the missing resources (resumable)
+    restart_timeout_s: float = 600.0
 
 
 @dataclass
@@ -421,6 +424,12 @@ class RLHFConfig:
             ("run.eval_prompts", self.run.eval_prompts, self.run.eval_prompts >= 0, "an integer >= 0"),
             ("run.call_timeout_s", self.run.call_timeout_s, self.run.call_timeout_s > 0, "a number > 0"),
             ("run.max_restarts", self.run.max_restarts, self.run.max_restarts >= 0, "an integer >= 0"),
+            (
+                "run.restart_timeout_s",
+                self.run.restart_timeout_s,
+                self.run.restart_timeout_s > 0,
+                "a number > 0",
+            ),
             (
                 "logging.log_interval",
                 self.logging.log_interval,

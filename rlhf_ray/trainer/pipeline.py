@@ -161,7 +161,9 @@ def stage_keys(cfg: RLHFConfig) -> dict[str, str]:
         "data": {k: v for k, v in d["data"].items() if k not in ("train_path", "eval_path")},
         "trainer": {k: v for k, v in d["trainer"].items() if k not in ("lr", "critic_lr")},
     }
-    rl_run = {k: v for k, v in d["run"].items() if k not in ("output_dir", "call_timeout_s")}
+    rl_run = {
+        k: v for k, v in d["run"].items() if k not in ("output_dir", "call_timeout_s", "restart_timeout_s")
+    }
     parts = {
         "data": {"seed": seed, "sizes": [p["n_demos"], p["n_train_prompts"], p["n_eval_prompts"]]},
         "sft": trunk | {"stage": d["offline"]["sft"]},

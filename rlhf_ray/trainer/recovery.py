@@ -11,7 +11,10 @@ is handled where it happens, by `_attempt`:
   controller, reward normaliser) goes back with it, the metrics rows of the undone steps are dropped
   and the loop carries on from there (`RolledBack`).
 Each recovery counts against `run.max_restarts`; past it the run stops with a `RecoveryError` that names
-the dead roles and the checkpoint a re-run resumes from.
+the dead roles and the checkpoint a re-run resumes from. A role whose node was lost is restarted once Ray
+has placed its bundle on another node; when no node with its resources joins within
+`run.restart_timeout_s`, the run stops at once with a `RecoveryError` naming the roles, the missing
+resources and the checkpoint to resume from (restarting again could not help).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_ray.metrics import MetricsLogger
-from rlhf_ray.trainer.roles import RECOVERABLE, probe, restart
+from rlhf_ray.trainer.roles import RECOVERABLE, RoleUnplaceable, probe, restart
 from rlhf_ray.trainer.weight_sync import make_weight_sync
 
 log = logging.getLogger(__name__)
@@ -32,7 +35,8 @@ STEP_PHASES = ("experience", "training", "weight sync")  # the parts of a step (
 
 
 class RecoveryError(RuntimeError):
-    """The run met more failures than `run.max_restarts` allows; the message says how to resume."""
+    """The run met more failures than `run.max_restarts` allows, or a lost node's roles found no node
+    within `run.restart_timeout_s`; the message says why and how to resume."""
 
 
 class RolledBack(Exception):
@@ -90,6 +94,11 @@ class RecoveryMixin:
             except RECOVERABLE as again:
                 exc = again
                 continue
+            except RoleUnplaceable as lost:
+                raise RecoveryError(
+                    f"the RL run stopped at {self._where(phase)}: {lost}. {self._resume_hint()} once the "
+                    f"cluster has the resources"
+                ) from lost
             if rollback:
                 raise RolledBack
             return
@@ -99,14 +108,19 @@ class RecoveryMixin:
             return f"step {self.step + 1} ({phase})"
         return f"{phase} after step {self.step}"
 
-    def _give_up_message(self, phase: str, what: str, bad: list[str]) -> str:
+    def _resume_hint(self) -> str:
         latest = self.last_checkpoint
         resume = f"the last complete checkpoint is {latest}" if latest else "no checkpoint was written yet"
         return (
+            f"Nothing written is lost: {resume}, and running the same command again resumes from it "
+            f"(checkpoint.resume=true)"
+        )
+
+    def _give_up_message(self, phase: str, what: str, bad: list[str]) -> str:
+        return (
             f"the RL run gave up at {self._where(phase)} after {self.restarts - 1} recoveries "
             f"(run.max_restarts={self.cfg.run.max_restarts}); dead or not answering: {', '.join(bad) or 'none'}; "
-            f"last failure: {what}. Nothing written is lost: {resume}, and running the same command again "
-            f"resumes from it (checkpoint.resume=true). If the same role keeps failing, read its actor log; "
+            f"last failure: {what}. {self._resume_hint()}. If the same role keeps failing, read its actor log; "
             f"raise run.max_restarts to tolerate more failures"
         )
 

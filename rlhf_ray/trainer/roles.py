@@ -4,7 +4,9 @@ died or hung, restart those in place, and stop them all again.
 Every wait has a deadline (`run.call_timeout_s`) and every failure names the role: `RoleTimeout` for a
 role that did not answer in time, `RoleDied` for one whose actor process is gone. Both are what the RL
 driver recovers from (`rlhf_ray.trainer.ppo`): `probe` tells which roles are unusable, `restart` replaces
-them with fresh actors on the same placement-group bundles.
+them with fresh actors on the same placement-group bundles. A bundle whose node is gone (the node was
+removed or crashed) is placed again by Ray once a node with its resources joins; `restart` waits for that
+at most `run.restart_timeout_s`, then raises `RoleUnplaceable` naming the roles and the missing resources.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import ObjectLostError, RayActorError
+from ray.util.placement_group import placement_group_table
 
 from actors.critic_trainer import CriticTrainer
 from actors.placement import RolePlan, plan_placement
@@ -36,6 +39,12 @@ class RoleTimeout(TimeoutError):
 
 class RoleDied(RuntimeError):
     """A role's actor process is gone (killed, crashed, out of memory, its node lost)."""
+
+
+class RoleUnplaceable(RuntimeError):
+    """Roles to restart whose placement-group bundles have no node (theirs was lost) and got none within
+    `run.restart_timeout_s`. Not in `RECOVERABLE`: restarting again cannot help until the cluster has the
+    resources, so the run stops and says so."""
 
 
 # What a run can recover from by restarting actors: anything else (a bad reward, bad data) is a bug or
@@ -193,6 +202,12 @@ def restart(roles: Roles, names: list[str]) -> None:
     """Kill the named roles (a hung actor too) and start fresh ones on the same placement-group bundles,
     in place in `roles`. Trainer groups restart from their initial weights: restore a checkpoint after."""
     cfg, plan, timeout = roles.cfg, roles.plan, roles.cfg.run.call_timeout_s
+    for name in names:
+        if name not in roles.names():
+            raise ValueError(f"restart: unknown role {name!r} (known: {', '.join(roles.names())})")
+    # An actor on a bundle without a node would wait, unnamed, until its creation timed out: wait for the
+    # bundles first (bounded), so that a lost node that never comes back is reported as what it is.
+    wait_for_bundles(plan, names, cfg.run.restart_timeout_s)
     pings: dict[str, Any] = {}
     for name in names:
         if name.startswith("rollout engine "):
@@ -214,7 +229,81 @@ def restart(roles: Roles, names: list[str]) -> None:
         elif name == "critic" and roles.critic is not None:
             roles.critic.kill()
             roles.critic = CriticTrainer(cfg, options_per_rank=plan.critic, init_timeout=timeout)
-        else:
-            raise ValueError(f"restart: unknown role {name!r} (known: {', '.join(roles.names())})")
     wait_for(pings, timeout)
     log.warning("restarted: %s", ", ".join(names))
+
+
+# ---- waiting for lost bundles ----------------------------------------------------------------------------
+def role_bundles(plan: RolePlan, name: str) -> list[int]:
+    """The placement-group bundle indices the actors of role `name` (as in `Roles.names`) run on."""
+    if name.startswith("rollout engine "):
+        options = [plan.rollout[int(name.rsplit(" ", 1)[1])]]
+    else:
+        by_name = {"reference model": [plan.reference], "reward model": [plan.reward]}
+        options = by_name.get(name) or {"policy": plan.policy, "critic": plan.critic}[name]
+    return [o["scheduling_strategy"].placement_group_bundle_index for o in options]
+
+
+def unplaced_bundles(plan: RolePlan) -> set[int]:
+    """Bundles of the plan's placement group that have no live node now (theirs was lost; Ray places
+    them again when a node with their resources joins)."""
+    if plan.placement_group is None:
+        return set()
+    table = placement_group_table(plan.placement_group)
+    if table.get("state") == "CREATED":
+        return set()
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    return {int(i) for i, node in table.get("bundles_to_node_id", {}).items() if node not in alive}
+
+
+def wait_for_bundles(plan: RolePlan, names: list[str], timeout_s: float, poll_s: float = 0.5) -> None:
+    """Wait until every bundle of the named roles is on a live node again; past `timeout_s` raise
+    `RoleUnplaceable` naming each waiting role, the resources its bundles ask for, the total missing
+    and what the cluster has free, and the ways out."""
+    deadline = time.monotonic() + timeout_s
+    start, waited = time.monotonic(), False
+    while True:
+        lost = unplaced_bundles(plan)
+        waiting = {n: [b for b in role_bundles(plan, n) if b in lost] for n in names}
+        waiting = {n: b for n, b in waiting.items() if b}
+        if not waiting:
+            if waited:
+                log.warning(
+                    "placement: the lost bundles are placed again after %.1f s", time.monotonic() - start
+                )
+            return
+        if not waited:
+            log.warning(
+                "placement: waiting up to %.0f s (run.restart_timeout_s) for a node to host: %s",
+                timeout_s,
+                ", ".join(waiting),
+            )
+            waited = True
+        if time.monotonic() >= deadline:
+            raise RoleUnplaceable(_unplaceable_message(plan, waiting, timeout_s))
+        time.sleep(poll_s)
+
+
+def _unplaceable_message(plan: RolePlan, waiting: dict[str, list[int]], timeout_s: float) -> str:
+    specs = plan.placement_group.bundle_specs
+    need: dict[str, float] = {}
+    for bundles in waiting.values():
+        for b in bundles:
+            for k, v in specs[b].items():
+                need[k] = need.get(k, 0.0) + v
+    free = ray.available_resources()
+    per_role = "; ".join(
+        f"{name} (bundle {', '.join(map(str, b))}: {_fmt([specs[i] for i in b])})"
+        for name, b in waiting.items()
+    )
+    return (
+        f"could not restart {', '.join(waiting)}: their node is gone and no live node offered their resources "
+        f"within {timeout_s:.0f} s (run.restart_timeout_s). Waiting: {per_role}. Missing in total: "
+        f"{_fmt([need])}; free in the cluster now: {_fmt([{k: free.get(k, 0.0) for k in need}])}. Add a node "
+        f"with these resources, lower the placement.<role> resources (num_cpus, num_gpus, resources) of these "
+        f"roles, or raise run.restart_timeout_s to wait longer for a replacement node"
+    )
+
+
+def _fmt(bundles: list[dict[str, float]]) -> str:
+    return " + ".join("{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(b.items())) + "}" for b in bundles)
