@@ -184,6 +184,11 @@ ROWS: dict[str, Row] = {
         ConfigError,
         ("run.max_restarts=-1", ">= 0"),
     ),
+    "non-positive restart wait": Row(
+        lambda env: RLHFConfig.from_dict({"run": {"restart_timeout_s": 0}}),
+        ConfigError,
+        ("run.restart_timeout_s=0", "a number > 0"),
+    ),
     "value not among the choices": Row(
         lambda env: RLHFConfig.from_dict({"algorithm": {"estimator": "ppo2"}}),
         ConfigError,
