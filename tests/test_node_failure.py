@@ -4,8 +4,9 @@ and one worker raylet on this machine).
 The head hosts the driver and the policy ranks; the worker node (custom resource `rollout_node`) hosts the
 rollout engine, the reference and the reward actor, pinned there by `placement.<role>.resources`.
 Removing that node kills those three roles and leaves their placement-group bundles without a node:
-- a replacement node with the same resource joins: Ray places the bundles there, the roles are restarted
-  on it and the step is retried, so the run finishes with every step logged once;
+- a replacement node with the same resource joins while the recovery waits for it: Ray places the bundles
+  there, the roles are restarted on it and the step is retried, so the run finishes with every step
+  logged once;
 - no node ever joins: the run stops within `run.restart_timeout_s` with a `RecoveryError` that names the
   roles, the missing resources and the checkpoint to resume from, instead of waiting forever.
 The rollout engine is the HF one (`rollout.engine=hf`): what is tested is placement, not vLLM, and it starts
@@ -14,6 +15,8 @@ in a fraction of vLLM's time on two cores.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 
 import pytest
@@ -113,45 +116,82 @@ def node_of(actor) -> str:
     )
 
 
+class LogSeen(logging.Handler):
+    """Sets `event` when a record whose message contains `needle` is logged (from any thread)."""
+
+    def __init__(self, needle: str):
+        super().__init__(logging.WARNING)
+        self.needle, self.event = needle, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.needle in record.getMessage():
+            self.event.set()
+
+
 @pytest.mark.timeout(300)
 def test_a_node_removed_mid_run_is_survived_once_a_replacement_joins(
     cluster, rollout_node, tiny_model_dir, task, tmp_path
 ):
+    """The driver runs in a thread; the replacement node joins from this (main) thread, since
+    `Cluster.add_node` must, once the driver's recovery is waiting for the lost bundles."""
     out = tmp_path / "run"
     trainer = PPOTrainer(config(tiny_model_dir, task, out, total_steps=6, restart_timeout_s=120))
     events: dict[str, float] = {}
-    added: list = []
+    result: dict = {}
 
     def on_step(step: int, metrics: dict) -> None:
-        if step == 3 and not added:  # between steps: step 4 meets the dead roles
+        if step == 3 and "removed" not in events:  # between steps: step 4 meets the dead roles
             cluster.remove_node(rollout_node)
             events["removed"] = time.monotonic()
-            # The replacement joins at once (`Cluster.add_node` cannot run in another thread); the wait
-            # for a node that has not joined yet is the other test's.
-            added.append(cluster.add_node(**ROLLOUT_NODE))
-            events["added"] = time.monotonic()
         elif step == 4:
             events["step 4 done"] = time.monotonic()
 
+    def run() -> None:
+        try:
+            result["summary"] = trainer.fit(on_step=on_step)
+        except BaseException as exc:  # re-raised in the test's thread
+            result["error"] = exc
+
+    roles_log = logging.getLogger("rlhf_ray.trainer.roles")
+    waiting, placed_again = LogSeen("placement: waiting up to"), LogSeen("placed again after")
+    roles_log.addHandler(waiting)
+    roles_log.addHandler(placed_again)
+    driver = threading.Thread(target=run, name="driver")
     try:
-        summary = trainer.fit(on_step=on_step)
+        driver.start()
+        while not waiting.event.wait(0.5) and driver.is_alive():
+            pass
+        if waiting.event.is_set():
+            time.sleep(2)  # the driver keeps waiting meanwhile
+            events["waiting"] = time.monotonic()
+            added = cluster.add_node(**ROLLOUT_NODE)
+            events["added"] = time.monotonic()
+        driver.join(timeout=240)
+        assert not driver.is_alive(), "the run did not finish within 240 s of the replacement"
+        if "error" in result:
+            raise result["error"]
         placed = {
             "rollout engine": node_of(trainer.roles.engines[0]),
             "reference": node_of(trainer.roles.reference),
             "reward": node_of(trainer.roles.reward),
         }
     finally:
+        roles_log.removeHandler(waiting)
+        roles_log.removeHandler(placed_again)
         trainer.shutdown()
 
     print(
-        f"replacement joined {events['added'] - events['removed']:.1f} s after the removal; "
-        f"step 4 done {events['step 4 done'] - events['removed']:.1f} s after it"
+        f"replacement joined {events['added'] - events['removed']:.1f} s after the removal "
+        f"(add_node took {events['added'] - events['waiting']:.1f} s); step 4 done "
+        f"{events['step 4 done'] - events['added']:.1f} s after it joined"
     )
+    assert placed_again.event.is_set()  # the restart waited for the node, then went on
+    summary = result["summary"]
     assert summary["step"] == 6 and summary["restarts"] >= 1
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # step 4 was retried, logged once
     assert rows[2]["faults/restarts"] == 0 and rows[-1]["faults/restarts"] >= 1
-    assert all(node == added[0].node_id for node in placed.values()), placed
+    assert all(node == added.node_id for node in placed.values()), placed
     assert (out / "policy" / "config.json").exists()
 
 
