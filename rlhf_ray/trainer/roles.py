@@ -287,10 +287,9 @@ def wait_for_bundles(plan: RolePlan, names: list[str], timeout_s: float, poll_s:
 def _unplaceable_message(plan: RolePlan, waiting: dict[str, list[int]], timeout_s: float) -> str:
     specs = plan.placement_group.bundle_specs
     need: dict[str, float] = {}
-    for bundles in waiting.values():
-        for b in bundles:
-            for k, v in specs[b].items():
-                need[k] = need.get(k, 0.0) + v
+    for b in {b for bundles in waiting.values() for b in bundles}:  # colocated roles share a bundle
+        for k, v in specs[b].items():
+            need[k] = need.get(k, 0.0) + v
     free = ray.available_resources()
     per_role = "; ".join(
         f"{name} (bundle {', '.join(map(str, b))}: {_fmt([specs[i] for i in b])})"
