@@ -20,6 +20,8 @@ class CriticRank(DeepSpeedRank):
     """One rank of the critic (made a Ray actor by `WorkerGroup`). Starts from model.critic_path, else
     the reward model, else the policy (a new scalar head starts at zero)."""
 
+    role = "critic"
+
     def build_model(self) -> torch.nn.Module:
         m = self.cfg.model
         return load_value_model(

@@ -71,6 +71,13 @@ def _pad_to(x: Tensor, width: int) -> Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
 
+def _grad_norm(model: torch.nn.Module) -> float | None:
+    """The L2 norm of the gradients held in `p.grad` (all-reduced by then under stage 0), before clipping;
+    None when none are there."""
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -80,12 +87,13 @@ def _free_port() -> int:
 class DeepSpeedRank:
     """Base of the trainer ranks (a plain class; `WorkerGroup` makes it a Ray actor)."""
 
+    role = "policy"  # the `placement` entry of these ranks (their resources and threads)
+
     def __init__(
         self, cfg: RLHFConfig, rank: int, world: int, addr: str | None = None, port: int | None = None
     ):
         runtime.setup_process_env()
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") if ray.is_initialized() else None
-        self.num_threads = runtime.set_threads(cpus)
+        self.num_threads = runtime.set_actor_threads(getattr(cfg.placement, self.role).num_threads)
         if rank == 0 and (addr is None or port is None):
             addr, port = ray.util.get_node_ip_address(), _free_port()
         if addr is None or port is None:
@@ -121,13 +129,13 @@ class DeepSpeedRank:
         os.environ.update(LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local_size))
         import deepspeed  # after setup_process_env: DS_ACCELERATOR and TORCH_EXTENSIONS_DIR are read on import
 
-        from rlhf_ray.deepspeed_config import deepspeed_config
+        from rlhf_ray.deepspeed_config import deepspeed_config, effective_zero_stage
 
         deepspeed.init_distributed(dist_backend=runtime.dist_backend(), auto_mpi_discovery=False)
         tcfg = self.cfg.trainer
         self.device = runtime.device()
         self.dtype = runtime.resolve_dtype(self.cfg.model.dtype)
-        self.stage = tcfg.zero_stage
+        self.stage = effective_zero_stage(tcfg, self.world)  # 0 for a single rank: nothing to partition
         torch.manual_seed(self.cfg.run.seed)
         model = self.build_model()
         if tcfg.gradient_checkpointing:
@@ -142,7 +150,9 @@ class DeepSpeedRank:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
         )
-        ds_config = deepspeed_config(tcfg, self.dtype, tcfg.micro_batch_size, self.micro_batches_per_step())
+        ds_config = deepspeed_config(
+            tcfg, self.dtype, tcfg.micro_batch_size, self.micro_batches_per_step(), self.world
+        )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -225,8 +235,11 @@ class DeepSpeedRank:
                     self.engine.set_gradient_accumulation_boundary(boundary)
                     loss, stats = micro_loss(part, weights)
                     self.engine.backward(loss, scale_wrt_gas=False)
+                    fallback_norm = None
                     if boundary:
                         step_stats["lr"].append(float(self.engine.get_lr()[0]))
+                        if self.stage == 0:  # DeepSpeed's fp32 stage-0 step clips but keeps no norm
+                            fallback_norm = _grad_norm(self.engine.module)
                     self.engine.step()
                     if weights.tokens > 0:
                         for k, v in stats.items():
@@ -236,6 +249,7 @@ class DeepSpeedRank:
                                 sums[k] += weights.tokens * v
                         weight += weights.tokens
                 norm = self.engine.get_global_grad_norm()
+                norm = fallback_norm if norm is None else norm
                 step_stats["grad_norm"].append(float(norm) if norm is not None else float("nan"))
         self.train_calls += 1
         out = {k: v / weight for k, v in sums.items()} if weight > 0 else {}

@@ -14,7 +14,7 @@ from actors.deepspeed_rank import DeepSpeedRank, LossWeights
 from actors.worker_group import TrainerHandle, as_ref, joined, wait_all
 from rlhf_ray.algorithms import kl_estimate, masked_mean, ppo_policy_loss
 from rlhf_ray.batch import Batch
-from rlhf_ray.models import load_causal_lm, sequence_logprobs
+from rlhf_ray.models import load_causal_lm, response_start, sequence_logprobs
 
 
 class PolicyRank(DeepSpeedRank):
@@ -25,11 +25,16 @@ class PolicyRank(DeepSpeedRank):
 
     def compute_logprobs(self, batch: Batch) -> Batch:
         """This rank's shard scored by the current policy: `logprobs` and `entropy`, `[B_shard, T]`
-        (at the sampler's temperature, aligned as in `Batch`)."""
+        (at the sampler's temperature, aligned as in `Batch`; 0 before the first response position)."""
 
         def score(part: Batch) -> dict[str, torch.Tensor]:
             lp, ent = sequence_logprobs(
-                self.engine, part["input_ids"], part["attention_mask"], self.cfg.rollout.temperature, True
+                self.engine,
+                part["input_ids"],
+                part["attention_mask"],
+                self.cfg.rollout.temperature,
+                with_entropy=True,
+                start=response_start(part["response_mask"]),
             )
             real = part["attention_mask"]  # padding holds 0, as position 0 does
             return {"logprobs": lp * real, "entropy": ent * real}
@@ -37,20 +42,34 @@ class PolicyRank(DeepSpeedRank):
         return self._infer(batch, score)
 
     def train(self, batch: Batch, kl_coef: float) -> dict[str, float]:
-        """PPO on this rank's shard of `batch` (fields input_ids, attention_mask, response_mask, logprobs,
-        advantages; ref_logprobs for the KL term). Stats: policy_loss, clip_frac, approx_kl, entropy,
+        """PPO on this rank's shard of `batch` (fields input_ids, attention_mask, response_mask, advantages,
+        logprobs (the old ones; optional under `cfg.reuses_training_logprobs()`), ref_logprobs for the KL
+        term). Stats: policy_loss, clip_frac, approx_kl, entropy,
         kl_loss, grad_norm, lr (and the other diagnostics of `ppo_policy_loss`)."""
         algo = self.cfg.algorithm
         temperature = self.cfg.rollout.temperature
+        if "logprobs" not in batch and not self.cfg.reuses_training_logprobs():
+            raise ValueError(
+                "train: the batch has no old log-probs ('logprobs'); they may only be left out when one "
+                "optimiser step takes the whole batch (see algorithm.old_logprobs): score it with "
+                "compute_logprobs first"
+            )
 
         def micro_loss(part: Batch, weights: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
             mask = part["response_mask"]
             logprobs, entropy = sequence_logprobs(
-                self.engine, part["input_ids"], part["attention_mask"], temperature, with_entropy=True
+                self.engine,
+                part["input_ids"],
+                part["attention_mask"],
+                temperature,
+                with_entropy=True,
+                start=response_start(mask),
             )
+            # one on-policy optimiser step (cfg.reuses_training_logprobs): old = current, detached
+            old = part["logprobs"] if "logprobs" in part else logprobs.detach()
             pg_loss, stats = ppo_policy_loss(
                 logprobs,
-                part["logprobs"],
+                old,
                 part["advantages"],
                 mask,
                 clip_eps=algo.clip_eps,
@@ -70,6 +89,9 @@ class PolicyRank(DeepSpeedRank):
                     loss = loss + kl_coef * weights("token-mean") * kl
             stats = {"policy_loss": stats.pop("pg_loss"), **stats}
             stats.update(entropy=entropy_mean.item(), kl_loss=kl.item())
+            if "logprobs" not in part and "rollout_logprobs" in part:  # no scoring pass compared them
+                gap = (part["rollout_logprobs"] - logprobs.detach()).abs()
+                stats["rollout_vs_trainer_logprob_diff"] = masked_mean(gap, mask).item()
             return loss, stats
 
         return self._train(batch, micro_loss)

@@ -9,7 +9,7 @@ import torch
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.rewards import RemoteScorer, RewardError, check_scores, load_rule_function, score_with_rule
-from rlhf_ray.runtime import device, resolve_dtype, set_threads, setup_process_env
+from rlhf_ray.runtime import device, resolve_dtype, set_actor_threads, setup_process_env
 
 
 @ray.remote
@@ -18,7 +18,7 @@ class RewardModel:
 
     def __init__(self, cfg: RLHFConfig):
         setup_process_env()
-        set_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
+        set_actor_threads(cfg.placement.reward.num_threads)
         self.cfg, self.kind = cfg, cfg.reward.kind
         if self.kind == "model":
             if not cfg.model.reward_path:

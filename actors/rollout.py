@@ -32,7 +32,7 @@ from torch import Tensor
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.rollout_batch import build_rollout_batch, scatter_response_values, split_sequences
-from rlhf_ray.runtime import device, resolve_dtype, set_threads, setup_process_env
+from rlhf_ray.runtime import device, resolve_dtype, set_actor_threads, setup_process_env
 from rlhf_ray.weight_sync import BroadcastReceiver, ManifestEntry
 
 WeightIter = Iterable[tuple[str, Tensor]]
@@ -237,8 +237,8 @@ class RolloutEngine:
 
     def __init__(self, cfg: RLHFConfig, rank: int = 0):
         setup_process_env()
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-        self.num_threads = set_threads(cpus)  # before vLLM starts: it takes over the thread count
+        # before vLLM starts: it takes over the thread count
+        self.num_threads = set_actor_threads(cfg.placement.rollout.num_threads)
         from rlhf_ray.models import load_tokenizer
 
         self.cfg, self.rank = cfg, rank

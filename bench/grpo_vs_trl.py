@@ -69,9 +69,10 @@ def specs() -> dict[str, dict[str, Any]]:
     }
 
 
-def ours_overrides(w: dict[str, Any]) -> list[str]:
+def ours_overrides(w: dict[str, Any], threads: int) -> list[str]:
     batch = w["prompts_per_step"] * w["samples"]
     return [
+        *(f"placement.{role}.num_threads={threads}" for role in ("policy", "rollout", "reference", "reward")),
         f"model.policy_path={w['model']}",
         f"data.train_path={w['prompts']}",
         f"data.apply_chat_template={str(w['chat']).lower()}",
@@ -98,9 +99,9 @@ def ours_overrides(w: dict[str, Any]) -> list[str]:
     ]
 
 
-def run_ours(w: dict[str, Any], warmup: int, steps: int) -> dict[str, Any]:
+def run_ours(w: dict[str, Any], warmup: int, steps: int, threads: int) -> dict[str, Any]:
     t = time.perf_counter()
-    rec = run_ours_subprocess(w["workload"], ours_overrides(w), warmup, steps)
+    rec = run_ours_subprocess(w["workload"], ours_overrides(w, threads), warmup, steps)
     wall = time.perf_counter() - t
     step_s = [s["metrics"]["time/step"] for s in rec["steps"]]
     samples = [s["sequences"] for s in rec["steps"]]
@@ -160,7 +161,7 @@ def compare(
     repeats: int,
     warmup: int,
     steps: int,
-    trl_threads: int,
+    threads: int,
     earlier: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """`repeats` more pairs of runs (order alternating), summarised together with `earlier` runs of the
@@ -170,7 +171,9 @@ def compare(
     for r in range(first, first + repeats):
         order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")
         for side in order:
-            run = run_ours(w, warmup, steps) if side == "ours" else run_trl(w, warmup, steps, trl_threads)
+            run = (
+                run_ours(w, warmup, steps, threads) if side == "ours" else run_trl(w, warmup, steps, threads)
+            )
             run["repeat"] = r
             run["timed_steps"], run["warmup_steps"] = steps, warmup
             runs.append(run)
@@ -180,10 +183,10 @@ def compare(
                 f"{run['load']['start']['load_avg'][0]}",
                 flush=True,
             )
-    return summarise(w, runs, trl_threads)
+    return summarise(w, runs, threads)
 
 
-def summarise(w: dict[str, Any], runs: list[dict[str, Any]], trl_threads: int) -> dict[str, Any]:
+def summarise(w: dict[str, Any], runs: list[dict[str, Any]], threads: int) -> dict[str, Any]:
     side = {
         k: sorted((x for x in runs if x["side"] == k), key=lambda x: x["repeat"]) for k in ("ours", "trl")
     }
@@ -201,7 +204,7 @@ def summarise(w: dict[str, Any], runs: list[dict[str, Any]], trl_threads: int) -
         ),
         "spec": w,
         "precision": "float32 on both sides (CPU)",
-        "trl_threads": trl_threads,
+        "threads": threads,  # per compute process, both sides
         "ours_samples_per_s": spread(ours),
         "trl_samples_per_s": spread(trl),
         "ratio": spread(paired) | {"of_medians": o_med / t_med},
@@ -221,11 +224,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny only, 1 repeat, 5 timed steps")
     p.add_argument(
-        "--trl-threads",
+        "--threads",
         type=int,
-        default=1,
-        help="torch threads of the TRL process (default 1: under other load 1 thread ran a SmolLM2 step "
-        "2.8x faster than 2 threads; our actors also run 1 thread each)",
+        default=os.cpu_count() or 1,
+        help="torch threads per compute process on BOTH sides (default: all cores): the TRL process, and "
+        "each of our roles (placement.<role>.num_threads; they take turns within a step). Under heavy other "
+        "load 1 thread may be faster",
     )
     p.add_argument("--name", default=None, help="result file bench/results/<name>.json")
     p.add_argument(
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps = args.steps or (5 if args.quick else (2 if big else 10))
         repeats = 1 if args.quick else (args.repeats or (2 if big else 3))
         earlier = result["workloads"].get(name, {}).get("runs", [])
-        result["workloads"][name] = compare(name, w, repeats, args.warmup, steps, args.trl_threads, earlier)
+        result["workloads"][name] = compare(name, w, repeats, args.warmup, steps, args.threads, earlier)
         headline = next((n for n in all_specs if n in result["workloads"]), name)  # the first spec measured
         head = result["workloads"][headline]
         result |= {k: head[k] for k in ("workload", "ours_samples_per_s", "trl_samples_per_s", "ratio")}

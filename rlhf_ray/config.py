@@ -89,6 +89,12 @@ class AlgorithmConfig:
     mini_batch_size: int = 32  # sequences per optimiser step
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     entropy_coef: float = 0.0
+    # Where the PPO ratio's "old" log-probs come from. auto: when one optimiser step takes the whole batch
+    # (ppo_epochs=1, mini_batch_size >= the step's batch) and the KL is in the loss, the training forward's
+    # own log-probs, detached (the ratio is exactly 1 there, as TRL does at num_iterations=1), and the
+    # sampler's log-probs for the KL metric: one policy forward pass fewer per step. recompute: always a
+    # separate forward on the policy ranks before the update.
+    old_logprobs: Literal["auto", "recompute"] = "auto"
 
 
 @dataclass
@@ -114,6 +120,10 @@ class RoleResources:
     resources: dict[str, float] = field(
         default_factory=dict
     )  # custom Ray resources, e.g. {"node:rollout": 1}
+    # torch threads of each actor; null: its num_cpus. The roles take turns within a step (generate, score,
+    # train, sync), so on one node each may use all the cores that the others leave idle meanwhile while
+    # Ray still reserves num_cpus (e.g. num_threads = the node's cores).
+    num_threads: int | None = None
 
 
 @dataclass
@@ -260,6 +270,14 @@ class RLHFConfig:
             for section, values in self._essential().items()
             for key, value in values.items()
         }
+
+    def reuses_training_logprobs(self) -> bool:
+        """Whether the PPO ratio's old log-probs are the training forward's own (no separate scoring pass):
+        `algorithm.old_logprobs=auto`, a single optimiser step per batch, and the KL in the loss."""
+        a = self.algorithm
+        batch = self.run.prompts_per_step * self.rollout.samples_per_prompt
+        one_step = a.ppo_epochs == 1 and a.mini_batch_size >= batch
+        return a.old_logprobs == "auto" and one_step and a.kl_in == "loss"
 
     def _essential(self) -> dict[str, dict[str, Any]]:
         essential = {k: v for k, v in self.to_dict().items() if k in ("model", "algorithm", "trainer")}
@@ -453,6 +471,14 @@ class RLHFConfig:
             res: RoleResources = getattr(self.placement, role)
             checks.append((f"placement.{role}.num_cpus", res.num_cpus, res.num_cpus >= 0, "a number >= 0"))
             checks.append((f"placement.{role}.num_gpus", res.num_gpus, res.num_gpus >= 0, "a number >= 0"))
+            checks.append(
+                (
+                    f"placement.{role}.num_threads",
+                    res.num_threads,
+                    res.num_threads is None or res.num_threads >= 1,
+                    "null (= num_cpus) or an integer >= 1",
+                )
+            )
         for stage in ("sft", "reward_model", "dpo"):
             st: OfflineStageConfig = getattr(self.offline, stage)
             checks += [

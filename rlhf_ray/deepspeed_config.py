@@ -16,14 +16,29 @@ import torch
 from rlhf_ray.config import ConfigError, TrainerConfig
 
 
+def effective_zero_stage(trainer_cfg: TrainerConfig, world: int) -> int:
+    """The ZeRO stage a group of `world` ranks runs. ZeRO partitions optimiser state, gradients and
+    parameters ACROSS ranks: one rank has nothing to partition, so stages 1-3 do the same update as stage 0
+    with extra bookkeeping (one SmolLM2-135M training pass on CPU: ZeRO-2 25% slower than ZeRO-0, see
+    bench/train_step.py). A single rank therefore runs stage 0, unless offloading asks for stage >= 1."""
+    if world == 1 and not (trainer_cfg.offload_optimizer or trainer_cfg.offload_params):
+        return 0
+    return trainer_cfg.zero_stage
+
+
 def deepspeed_config(
-    trainer_cfg: TrainerConfig, dtype: torch.dtype, micro_batch_size: int, grad_accum: int
+    trainer_cfg: TrainerConfig,
+    dtype: torch.dtype,
+    micro_batch_size: int,
+    grad_accum: int,
+    world: int | None = None,
 ) -> dict[str, Any]:
     """The `config` dict for `deepspeed.initialize` of one rank.
 
     `micro_batch_size` is sequences per rank per forward/backward; `grad_accum` the number of micro-batches
     per optimiser step. The optimiser and scheduler are passed to DeepSpeed as objects, so no `optimizer`
-    or `scheduler` section is written (`zero_allow_untested_optimizer` lets ZeRO take torch's AdamW)."""
+    or `scheduler` section is written (`zero_allow_untested_optimizer` lets ZeRO take torch's AdamW).
+    With `world` (the number of ranks), the stage is `effective_zero_stage`'s; without, trainer.zero_stage."""
     if micro_batch_size < 1 or grad_accum < 1:
         raise ConfigError(
             f"deepspeed_config: micro_batch_size={micro_batch_size} and grad_accum={grad_accum} must both be "
@@ -33,7 +48,7 @@ def deepspeed_config(
         raise ConfigError(
             f"deepspeed_config: dtype={dtype} is not supported: train in float32 or bfloat16 (model.dtype)"
         )
-    stage = trainer_cfg.zero_stage
+    stage = trainer_cfg.zero_stage if world is None else effective_zero_stage(trainer_cfg, world)
     if trainer_cfg.offload_params and stage != 3:
         raise ConfigError(
             f"trainer.offload_params=true needs ZeRO stage 3 (trainer.zero_stage={stage}): parameters are only "

@@ -52,8 +52,8 @@ def make_experience(
     group_size: int,
     normalizer: RewardNormalizer | None = None,
 ) -> tuple[Batch, dict[str, float]]:
-    """Add `rewards`, `advantages` (and `returns` for GAE) to a batch holding `scores`, `logprobs`,
-    `ref_logprobs` (and `values` for GAE). Returns the batch and step statistics."""
+    """Add `rewards`, `advantages` (and `returns` for GAE) to a batch holding `scores`, `logprobs` (or only
+    the sampler's `rollout_logprobs`), `ref_logprobs` (and `values` for GAE). Returns the batch and step statistics."""
     mask = batch["response_mask"].float()
     scores = batch["scores"].float()
     raw_scores = scores.clone()
@@ -63,7 +63,10 @@ def make_experience(
     if algo.reward_clip is not None:
         scores = scores.clamp(-algo.reward_clip, algo.reward_clip)
 
-    kl = kl_estimate(batch["logprobs"], batch["ref_logprobs"], algo.kl_estimator) * mask
+    # the policy's log-probs: the trainer's, or the sampler's when the trainer's are not computed
+    # (`RLHFConfig.reuses_training_logprobs`; equal up to kernel differences in the same precision)
+    policy_logprobs = batch["logprobs"] if "logprobs" in batch else batch["rollout_logprobs"]
+    kl = kl_estimate(policy_logprobs, batch["ref_logprobs"], algo.kl_estimator) * mask
     kl_per_seq = kl.sum(dim=1)
     penalty = kl_coef * kl if algo.kl_in == "reward" else torch.zeros_like(kl)
     token_rewards = sequence_to_token_rewards(scores, mask) - penalty
@@ -101,7 +104,7 @@ def make_experience(
         "rollout_vs_trainer_logprob_diff": masked_mean(
             (batch["rollout_logprobs"] - batch["logprobs"]).abs(), mask
         ).item()
-        if "rollout_logprobs" in batch
+        if "rollout_logprobs" in batch and "logprobs" in batch
         else float("nan"),
     }
     if algo.estimator == "gae":

@@ -42,6 +42,18 @@ def set_threads(num_cpus: float | None) -> int:
     return n
 
 
+def set_actor_threads(requested: int | None = None) -> int:
+    """Size a Ray actor's torch pool: `requested` (`placement.<role>.num_threads`), else the CPUs Ray
+    assigned the actor, else the machine's cores."""
+    cpus = None
+    if requested is None:
+        import ray
+
+        if ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    return set_threads(requested or cpus)
+
+
 def setup_process_env() -> None:
     """Environment every rlhf_ray process (driver and actors) needs before importing DeepSpeed/vLLM:
     caches inside the project cache dir, no hub access, DeepSpeed's accelerator matching the device."""

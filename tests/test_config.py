@@ -75,6 +75,8 @@ def test_nested_role_resources():
         ({"reward": {"kind": "rule"}}, ["reward.function", "module:function"]),
         ({"reward": {"kind": "http", "url": "localhost:1"}}, ["reward.url", "http"]),
         ({"placement": {"rollout": {"num_gpus": -1}}}, ["placement.rollout.num_gpus", ">= 0"]),
+        ({"placement": {"policy": {"num_threads": 0}}}, ["placement.policy.num_threads", "integer >= 1"]),
+        ({"algorithm": {"old_logprobs": "rollout"}}, ["algorithm.old_logprobs", "'auto'", "'recompute'"]),
         ({"trainer": 3}, ["trainer", "mapping"]),
     ],
 )
@@ -128,3 +130,24 @@ def test_exponent_without_dot_is_a_number():
     assert cfg.trainer.lr == 1e-6 and cfg.algorithm.kl_coef == 0.05
     with pytest.raises(ConfigError, match="trainer.lr"):
         RLHFConfig.from_dict({"trainer": {"lr": "fast"}})
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "reuses"),
+    [
+        ({}, True),  # defaults: ppo_epochs 1, mini-batch = the whole batch of 4 x 4, KL in the loss
+        ({"old_logprobs": "recompute"}, False),
+        ({"ppo_epochs": 2}, False),  # the second epoch's ratio is not 1: needs the log-probs before it
+        ({"mini_batch_size": 8}, False),  # the second mini-batch sees a moved policy
+        ({"kl_in": "reward"}, False),  # the reward's KL penalty uses the trainer's log-probs
+    ],
+)
+def test_old_logprobs_come_from_the_update_only_for_one_on_policy_step(algorithm, reuses):
+    cfg = RLHFConfig.from_dict(
+        {
+            "algorithm": {"mini_batch_size": 16, **algorithm},
+            "run": {"prompts_per_step": 4},
+            "rollout": {"samples_per_prompt": 4},
+        }
+    )
+    assert cfg.reuses_training_logprobs() is reuses

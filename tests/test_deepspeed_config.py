@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf_ray.config import ConfigError, TrainerConfig
-from rlhf_ray.deepspeed_config import deepspeed_config
+from rlhf_ray.deepspeed_config import deepspeed_config, effective_zero_stage
 
 
 def test_defaults_fp32_zero2():
@@ -53,3 +53,21 @@ def test_bad_sizes_and_dtypes_fail_clearly():
         deepspeed_config(TrainerConfig(), torch.float32, 0, 1)
     with pytest.raises(ConfigError, match="float16"):
         deepspeed_config(TrainerConfig(), torch.float16, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("trainer", "world", "stage"),
+    [
+        (TrainerConfig(zero_stage=2), 1, 0),  # one rank: nothing to partition
+        (TrainerConfig(zero_stage=3), 1, 0),
+        (TrainerConfig(zero_stage=2), 2, 2),
+        (TrainerConfig(zero_stage=3), 4, 3),
+        (TrainerConfig(zero_stage=2, offload_optimizer=True), 1, 2),  # offload needs a partitioning stage
+        (TrainerConfig(zero_stage=3, offload_params=True), 1, 3),
+    ],
+)
+def test_a_single_rank_runs_stage_0_unless_it_offloads(trainer, world, stage):
+    assert effective_zero_stage(trainer, world) == stage
+    assert deepspeed_config(trainer, torch.float32, 1, 1, world)["zero_optimization"]["stage"] == stage
+    # without `world`, the configured stage as it is
+    assert deepspeed_config(trainer, torch.float32, 1, 1)["zero_optimization"]["stage"] == trainer.zero_stage

@@ -75,3 +75,18 @@ def test_reward_clip_and_normalizer():
     assert norm.std == pytest.approx(torch.tensor([1.0, 0.0, 3.0, 3.0]).std().item(), rel=1e-6)
     assert out["rewards"].max().item() <= 2.0
     assert stats["reward/max"] == 3.0  # statistics report the raw scores
+
+
+def test_without_trainer_logprobs_the_kl_uses_the_samplers():
+    """When the update makes its own old log-probs (RLHFConfig.reuses_training_logprobs), the batch holds
+    only the sampler's `rollout_logprobs`: the KL is measured with those, and the advantages are unchanged."""
+    full = batch()
+    sampler_only = Batch({k: v for k, v in full.tensors.items() if k != "logprobs"})
+    sampler_only["rollout_logprobs"] = full["logprobs"] - 0.05 * full["response_mask"]
+    algo = AlgorithmConfig(estimator="grpo", kl_in="loss", kl_estimator="k1")
+    out, stats = make_experience(sampler_only, algo, kl_coef=0.5, group_size=2)
+    assert stats["kl"] == pytest.approx(0.1, abs=1e-6)  # 2 tokens x (0.1 - 0.05) per sequence
+    assert "logprobs" not in out
+    expected, _ = make_experience(batch(), algo, kl_coef=0.5, group_size=2)
+    assert torch.equal(out["advantages"], expected["advantages"])
+    assert stats["rollout_vs_trainer_logprob_diff"] != stats["rollout_vs_trainer_logprob_diff"]  # NaN

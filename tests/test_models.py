@@ -21,6 +21,7 @@ from rlhf_ray.models import (
     load_causal_lm,
     load_tokenizer,
     load_value_model,
+    response_start,
     save_pretrained_atomic,
     sequence_logprobs,
     sequence_scores,
@@ -182,6 +183,31 @@ def test_sequence_logprobs_match_float64(tiny_model_dir, temperature):
         with torch.no_grad():
             alone, _ = sequence_logprobs(model, single_ids, single_mask, temperature=temperature)
         torch.testing.assert_close(alone[0], lp[b, : single_ids.shape[1]], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("start", [1, 3, 5])
+def test_sequence_logprobs_from_a_start_position(tiny_model_dir, start):
+    """Scoring from `start` (the output layer runs on the last T - start + 1 positions only) gives the same
+    numbers at positions >= start and zeros before; the gradient flows too."""
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir)
+    ids, mask = padded(tok, TEXTS)
+    with torch.no_grad():
+        full_lp, full_ent = sequence_logprobs(model, ids, mask, temperature=0.7, with_entropy=True)
+    lp, ent = sequence_logprobs(model, ids, mask, temperature=0.7, with_entropy=True, start=start)
+    assert lp.shape == ids.shape and ent.shape == ids.shape
+    assert (lp[:, :start] == 0).all() and (ent[:, :start] == 0).all()
+    real = mask[:, start:].bool()
+    torch.testing.assert_close(lp[:, start:][real], full_lp[:, start:][real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent[:, start:][real], full_ent[:, start:][real], atol=1e-5, rtol=0)
+    (-(lp * mask).sum()).backward()
+    assert model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_response_start():
+    response = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])
+    assert response_start(response) == 2
+    assert response_start(torch.zeros(2, 4)) == 4
 
 
 def test_sequence_logprobs_are_differentiable(tiny_model_dir):

@@ -164,9 +164,12 @@ def test_logprobs_equal_the_driver(scenario, tiny_model_dir):
     lp, ent = driver_logprobs(tiny_model_dir, batch)
     assert set(got.tensors) == {"logprobs", "entropy"} and got["logprobs"].shape == (B, T)
     mask = batch["attention_mask"].bool()
-    assert (got["logprobs"][~mask] == 0).all() and (got["logprobs"][:, 0] == 0).all()
-    assert (got["logprobs"] - lp)[mask].abs().max() < LOGPROB_TOL
-    assert (got["entropy"] - ent)[mask].abs().max() < LOGPROB_TOL
+    assert (got["logprobs"][~mask] == 0).all() and (
+        got["logprobs"][:, :PROMPT] == 0
+    ).all()  # prompt: not scored
+    response = batch["response_mask"].bool()
+    assert (got["logprobs"] - lp)[response].abs().max() < LOGPROB_TOL
+    assert (got["entropy"] - ent)[response].abs().max() < LOGPROB_TOL
 
 
 def test_gradient_is_that_of_the_whole_batch(scenario, tiny_model_dir):
@@ -238,7 +241,7 @@ def test_exported_weights_equal_saved_directory_and_ranks(scenario):
     batch = scenario["batch"]
     with torch.no_grad():
         lp, _ = sequence_logprobs(saved, batch["input_ids"], batch["attention_mask"], TEMPERATURE)
-    assert (lp * batch["attention_mask"] - scenario["after"]["logprobs"]).abs().max() < LOGPROB_TOL
+    assert (lp * batch["response_mask"] - scenario["after"]["logprobs"]).abs().max() < LOGPROB_TOL
 
 
 def test_checkpoint_resumes_exactly(scenario):
@@ -258,25 +261,33 @@ def test_micro_batching_does_not_change_the_update(ray_local, tiny_model_dir):
     gradient (norm) and the same parameters. Adam's first step moves a weight by lr * g / (|g| + 1e-8):
     by lr where |g| >> 1e-8, so a misweighted micro-batch shows as weights 2 lr apart (sign flips); the
     fp32 summation-order noise shows only on weights with |g| ~ 1e-9 (measured: <= 2.4e-6 apart at
-    lr = 1e-4, 2.4e-5 at lr = 1e-3)."""
+    lr = 1e-4, 2.4e-5 at lr = 1e-3).
+
+    A third group gets the batch without old log-probs: one optimiser step on the whole batch takes them
+    from its own forward (`RLHFConfig.reuses_training_logprobs`), and must make the same update."""
     batch = make_batch(seed=3)
-    cfgs = [make_cfg(tiny_model_dir, num_ranks=1, micro_batch_size=m, lr=1e-4) for m in (B, B // 4)]
-    with ThreadPoolExecutor(2) as pool:  # start both groups at once
+    cfgs = [make_cfg(tiny_model_dir, num_ranks=1, micro_batch_size=m, lr=1e-4) for m in (B, B // 4, B)]
+    assert cfgs[2].reuses_training_logprobs()
+    with ThreadPoolExecutor(3) as pool:  # start the groups at once
         trainers = list(pool.map(PolicyTrainer, cfgs))
     try:
         old = ray.get(trainers[0].compute_logprobs(batch), timeout=120)["logprobs"]
         step = with_advantages(batch, old)
         noise = torch.randn(B, T, generator=torch.Generator().manual_seed(4))
         step.tensors["advantages"] = noise * step["response_mask"]
-        stats = ray.get([t.train(step, kl_coef=0.1)[0] for t in trainers], timeout=300)
+        no_old = Batch({k: v for k, v in step.tensors.items() if k != "logprobs"})
+        batches = (step, step, no_old)
+        stats = ray.get([t.train(b, kl_coef=0.1)[0] for t, b in zip(trainers, batches)], timeout=300)
         weights = [ray.get(t.export_weights(timeout=120)[0], timeout=60) for t in trainers]
     finally:
         for t in trainers:
             t.kill()
-    assert stats[0]["grad_norm"] == pytest.approx(stats[1]["grad_norm"], rel=1e-5)
-    assert stats[0]["policy_loss"] == pytest.approx(stats[1]["policy_loss"], rel=1e-5, abs=1e-7)
-    worst = max(abs(weights[0][k] - weights[1][k]).max() for k in weights[0])
-    assert worst < 1e-5, worst
+    for other in (1, 2):
+        assert stats[0]["grad_norm"] == pytest.approx(stats[other]["grad_norm"], rel=1e-5)
+        assert stats[0]["policy_loss"] == pytest.approx(stats[other]["policy_loss"], rel=1e-5, abs=1e-7)
+        worst = max(abs(weights[0][k] - weights[other][k]).max() for k in weights[0])
+        assert worst < 1e-5, (other, worst)
+    assert stats[2]["clip_frac"] == 0.0  # the ratio is exactly 1 at the only step
 
 
 def test_uneven_and_empty_shards(scenario):

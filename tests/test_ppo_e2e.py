@@ -70,7 +70,14 @@ def test_rl_improves_reward(ray_local, tiny_model_dir, task, tmp_path, estimator
         tiny_model_dir,
         task,
         tmp_path / "run",
-        algorithm={"estimator": estimator, "kl_coef": 0.01, "mini_batch_size": 32},
+        # GRPO takes its old log-probs from the update's own forward (one step per batch: the default
+        # 'auto'); GAE scores them in a separate pass first, so its rows compare trainer and sampler
+        algorithm={
+            "estimator": estimator,
+            "kl_coef": 0.01,
+            "mini_batch_size": 32,
+            "old_logprobs": "recompute" if estimator == "gae" else "auto",
+        },
         trainer={
             "num_ranks": 2,
             "zero_stage": zero_stage,
@@ -108,8 +115,10 @@ def test_rl_improves_reward(ray_local, tiny_model_dir, task, tmp_path, estimator
     if estimator == "gae":
         assert "critic/value_loss" in step_rows[-1]
     assert "eval/gold" in rows[0] and "eval/gold" in rows[-1]
-    # after every sync the engine samples from the trainer's weights: their log-probs agree
+    # after every sync the engine samples from the trainer's weights: their log-probs agree (GAE: in the
+    # scoring pass; GRPO: in the update's forward, as no scoring pass ran)
     assert max(r["rollout_vs_trainer_logprob_diff"] for r in step_rows) < 1e-3
+    assert ("time/logprobs" in step_rows[-1]) == (estimator == "gae")
     # the final policy is an HF directory transformers loads (vLLM loads the same files in the pipeline),
     # and it is the trained one: its weights moved away from the initial model's
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "policy")

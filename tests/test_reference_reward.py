@@ -96,12 +96,13 @@ def test_reference_logprobs_equal_shared_function(actors, batch, tiny_model_dir)
         want, _ = sequence_logprobs(
             model, batch["input_ids"], batch["attention_mask"], temperature=TEMPERATURE
         )
-    want = want * batch["attention_mask"]
-    diff = float((out["ref_logprobs"] - want).abs().max())
+    response = batch["response_mask"].bool()
+    diff = float((out["ref_logprobs"] - want)[response].abs().max())
     print(f"reference vs sequence_logprobs (micro-batched, trimmed): max |diff| {diff:.2e}")
     assert diff < 1e-5
     assert (out["ref_logprobs"][batch["attention_mask"] == 0] == 0).all()
     assert (out["ref_logprobs"][:, 0] == 0).all()
+    assert (out["ref_logprobs"][response] != 0).all()
 
 
 def test_reward_model_scores_last_real_token(actors, batch, reward_model_dir):

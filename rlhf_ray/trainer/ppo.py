@@ -215,6 +215,10 @@ class PPOTrainer(RecoveryMixin):
 
         batch, exp_stats, times = self._attempt(lambda: self.make_experience(kl_coef), "experience", again)
         train_stats, times["time/train"] = self._attempt(lambda: self.update(batch, kl_coef), "training")
+        # without a scoring pass, the update's own forward compared the sampler's log-probs with the trainer's
+        gap = train_stats.pop("policy/rollout_vs_trainer_logprob_diff", None)
+        if gap is not None:
+            exp_stats["rollout_vs_trainer_logprob_diff"] = gap
         t = time.perf_counter()
         self._attempt(lambda: self.sync.sync(), "weight sync")
         times["time/sync"] = time.perf_counter() - t
@@ -233,8 +237,8 @@ class PPOTrainer(RecoveryMixin):
         )
 
     def make_experience(self, kl_coef: float) -> tuple[Any, dict[str, float], dict[str, float]]:
-        """Generate, score (reference, reward, policy log-probs, values: in parallel from the same rollout
-        ref) and compute advantages. Returns the batch's ref, its stats and the phases' times."""
+        """Generate, score (reference, reward, policy log-probs unless the update makes its own, values: in
+        parallel from the same rollout ref) and compute advantages. Returns the batch's ref, its stats and the phases' times."""
         cfg, roles = self.cfg, self.roles
         timeout = cfg.run.call_timeout_s
         t0 = time.perf_counter()
@@ -257,8 +261,9 @@ class PPOTrainer(RecoveryMixin):
         scoring = {
             "reference model": roles.reference.logprobs.remote(rollout),
             "reward model": roles.reward.score.remote(rollout),
-            "policy trainer": roles.policy.compute_logprobs(rollout),
         }
+        if not cfg.reuses_training_logprobs():  # else the update's own forward gives the old log-probs
+            scoring["policy trainer"] = roles.policy.compute_logprobs(rollout)
         if roles.critic is not None:
             scoring["critic trainer"] = roles.critic.compute_values(rollout)
         times |= self._wait_timed(scoring, t, timeout)
@@ -267,7 +272,7 @@ class PPOTrainer(RecoveryMixin):
         t = time.perf_counter()
         batch, stats_ref, norm_ref = experience_task.remote(
             rollout,
-            scoring["policy trainer"],
+            scoring.get("policy trainer"),
             scoring["reference model"],
             scoring["reward model"],
             scoring.get("critic trainer"),

@@ -25,7 +25,7 @@ def concat_batches(*batches: Batch) -> Batch:
 @ray.remote(num_cpus=0, num_returns=3)
 def experience_task(
     rollout: Batch,
-    logprobs: Batch,
+    logprobs: Batch | None,
     ref: Batch,
     scores: Batch,
     values: Batch | None,
@@ -34,7 +34,9 @@ def experience_task(
     group_size: int,
     normalizer: RewardNormalizer | None,
 ) -> tuple[Batch, dict[str, float], RewardNormalizer | None]:
-    batch = rollout.union(logprobs).union(ref).union(scores)
+    batch = rollout.union(ref).union(scores)
+    if logprobs is not None:  # None: the update uses its own (RLHFConfig.reuses_training_logprobs)
+        batch = batch.union(logprobs)
     if values is not None:
         batch = batch.union(values)
     batch, stats = make_experience(batch, algo, kl_coef, group_size, normalizer)
