@@ -46,17 +46,12 @@ def wait_all(
     return ray.get(refs)
 
 
-@ray.remote(num_cpus=0)
-def concat_batches(*shards: Any) -> Any:
-    """The ranks' `Batch` shards (refs resolved by Ray) joined in rank order, off the driver."""
-    from rlhf_ray.batch import Batch
-
-    return Batch.concat(shards)
-
-
 def joined(shards: list[ray.ObjectRef]) -> ray.ObjectRef:
-    """One ref to the ranks' shards joined in rank order; a single rank's shard as it is."""
-    return shards[0] if len(shards) == 1 else concat_batches.remote(*shards)
+    """One ref to the ranks' shards joined in rank order (on the glue worker, off the driver); a single
+    rank's shard as it is."""
+    from rlhf_ray.trainer.tasks import glue
+
+    return shards[0] if len(shards) == 1 else glue().concat.remote(*shards)
 
 
 def as_ref(value: Any) -> ray.ObjectRef:

@@ -15,6 +15,7 @@ Writes bench/results/step_breakdown.json and prints a Markdown table per workloa
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from bench.common import machine, snapshot, spread, write_result
@@ -129,7 +130,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny only, 3 timed steps")
     p.add_argument("--name", default=None, help="result file bench/results/<name>.json")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch threads of every role (placement.<role>.num_threads; default: all cores, the roles "
+        "take turns within a step), as in bench.grpo_vs_trl",
+    )
     args = p.parse_args(argv)
+    threads = [
+        f"placement.{r}.num_threads={args.threads}" for r in ("policy", "rollout", "reference", "reward")
+    ]
     names = args.workloads or (["tiny"] if args.quick else list(WORKLOADS))
     result: dict[str, Any] = {"machine": machine(), "workloads": {}}
     text = []
@@ -137,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         workload, extra = WORKLOADS[name]
         steps = args.steps or (3 if args.quick else (10 if workload == "tiny" else 3))
         before = snapshot()
-        record = run_ours_subprocess(workload, extra, args.warmup, steps)
+        record = run_ours_subprocess(workload, [*extra, *threads], args.warmup, steps)
         summary = summarise(record)
         result["workloads"][name] = {
             "settings": record["resolved"],

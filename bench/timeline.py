@@ -19,14 +19,14 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-# actor method (timeline category) -> role; categories not listed (concat_batches, ping, stats, ...) are glue
+# actor method (timeline category) -> role; categories not listed (GlueWorker.concat, ping, stats, ...) are glue
 ROLE_OF = {
     "task::RolloutEngine.generate": "generate",
     "task::ReferenceModel.logprobs": "reference",
     "task::RewardModel.score": "reward",
     "task::PolicyRank.compute_logprobs": "logprobs",
     "task::CriticRank.compute_values": "critic",
-    "task::experience_task": "advantages",
+    "task::GlueWorker.experience": "advantages",
     "task::PolicyRank.train": "train_policy",
     "task::CriticRank.train": "train_critic",
     "task::PolicyRank.export_weights": "sync_send",

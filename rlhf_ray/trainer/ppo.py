@@ -31,7 +31,7 @@ from rlhf_ray.models import load_tokenizer
 from rlhf_ray.trainer.offline import require_model_dir
 from rlhf_ray.trainer.recovery import RecoveryError, RecoveryMixin, RolledBack, drop_rows_after
 from rlhf_ray.trainer.roles import Roles, start_roles, wait_for
-from rlhf_ray.trainer.tasks import concat_batches, eval_function_task, experience_task
+from rlhf_ray.trainer.tasks import glue, reset_glue
 from rlhf_ray.trainer.weight_sync import make_weight_sync
 
 __all__ = ["DriverState", "PPOTrainer", "RecoveryError", "check_inputs", "run_ppo"]
@@ -119,6 +119,7 @@ class PPOTrainer(RecoveryMixin):
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self.roles = start_roles(self.cfg)
+        wait_for({"glue worker": glue().ping.remote()}, self.cfg.run.call_timeout_s)  # up before step 1
         self.sync = make_weight_sync(self.cfg, self.roles)
         latest = self.ckpt.latest() if self.cfg.checkpoint.resume else None
         if latest is not None:
@@ -139,6 +140,7 @@ class PPOTrainer(RecoveryMixin):
         self.normalizer = RewardNormalizer() if self.cfg.algorithm.normalize_reward else None
 
     def shutdown(self) -> None:
+        reset_glue()
         if self.roles is not None:
             self.roles.shutdown()
             self.roles = None
@@ -253,7 +255,7 @@ class PPOTrainer(RecoveryMixin):
             if len(idx)
         ]
         # One engine: its batch as it is (a glue task costs a worker round trip per step).
-        rollout = parts[0] if len(parts) == 1 else concat_batches.remote(*parts)
+        rollout = parts[0] if len(parts) == 1 else glue().concat.remote(*parts)
         wait_for({"rollout engines": rollout}, timeout, fetch=False)
         times["time/generate"] = time.perf_counter() - t0
 
@@ -270,7 +272,7 @@ class PPOTrainer(RecoveryMixin):
         times["time/score"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        batch, stats_ref, norm_ref = experience_task.remote(
+        batch, stats_ref, norm_ref = glue().experience.remote(
             rollout,
             scoring.get("policy trainer"),
             scoring["reference model"],
@@ -325,7 +327,7 @@ class PPOTrainer(RecoveryMixin):
         engine = roles.engines[0]
         batch = engine.generate.remote(self.eval_prompts, 1, greedy=cfg.run.eval_greedy, seed=cfg.run.seed)
         scores = roles.reward.score.remote(batch)
-        result = eval_function_task.remote(cfg.run.eval_function or "", batch, scores)
+        result = glue().eval_scores.remote(cfg.run.eval_function or "", batch, scores)
         return wait_for({"evaluation": result}, cfg.run.call_timeout_s)["evaluation"]
 
     # ---- checkpoints ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 
 from rlhf_ray.metrics import MetricsLogger
 from rlhf_ray.trainer.roles import RECOVERABLE, RoleUnplaceable, probe, restart
+from rlhf_ray.trainer.tasks import reset_glue
 from rlhf_ray.trainer.weight_sync import make_weight_sync
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class RecoveryMixin:
         cfg = self.cfg
         rollback = phase == "training"
         while True:
+            reset_glue()  # it may be what failed; a fresh one costs a second
             bad = probe(self.roles, cfg.run.call_timeout_s)
             self.restarts += 1
             what = f"{type(exc).__name__}: {exc}".strip()
