@@ -3,7 +3,7 @@
 Start-up: rank 0 is created first and picks its node address and a free port; the other ranks are then
 created with that (addr, port) as MASTER_ADDR/MASTER_PORT; finally every rank's `init(local_rank,
 local_size)` runs concurrently, since joining the process group (and building a DeepSpeed engine) is a
-collective. The per-rank Ray `.options()` (CPUs, GPUs, custom resources, placement-group strategy) come
+collective. A start that lost its port to another process is tried again (`START_ATTEMPTS`). The per-rank Ray `.options()` (CPUs, GPUs, custom resources, placement-group strategy) come
 from the placement module; by default each rank asks for one CPU.
 
 The group moves references only: `call` returns one `ObjectRef` per rank and never waits.
@@ -12,6 +12,7 @@ The group moves references only: `call` returns one `ObjectRef` per rank and nev
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,15 @@ import ray
 from ray.actor import ActorClass, ActorHandle
 
 DEFAULT_RANK_OPTIONS: dict[str, Any] = {"num_cpus": 1}
+# Rank 0 picks a free port, then binds it only when the ranks join: another process can take it in between
+# (seen once under load as "address already in use"); the group then starts again on a new port.
+START_ATTEMPTS = 3
+log = logging.getLogger(__name__)
+
+
+def _port_taken(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "address already in use" in text or "eaddrinuse" in text
 
 
 class WorkerGroupError(RuntimeError):
@@ -98,20 +108,42 @@ class WorkerGroup:
             actor_cls = ray.remote(actor_cls)
         self.world_size = num_ranks
         self.actors: list[ActorHandle] = []
-        try:
-            rank0 = actor_cls.options(**options_per_rank[0]).remote(cfg, 0, num_ranks, None, None)
-            self.actors.append(rank0)
-            addr, port = wait_all([rank0.master_address.remote()], init_timeout, "starting rank 0")[0]
-            for rank in range(1, num_ranks):
-                opts = options_per_rank[rank]
-                self.actors.append(actor_cls.options(**opts).remote(cfg, rank, num_ranks, addr, port))
-            nodes = wait_all(self.call("node_id"), init_timeout, "starting the ranks")
-            local = [(nodes[:r].count(n), nodes.count(n)) for r, n in enumerate(nodes)]
-            refs = [a.init.remote(lr, ls) for a, (lr, ls) in zip(self.actors, local)]
-            wait_all(refs, init_timeout, "initialising torch.distributed and the DeepSpeed engines")
-        except BaseException:
-            self.kill()
-            raise
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._start(actor_cls, cfg, options_per_rank, init_timeout)
+                return
+            except Exception as exc:
+                self.kill()
+                if attempt == START_ATTEMPTS or not _port_taken(exc):
+                    raise
+                log.warning(
+                    "worker group start %d/%d: the rendezvous port was taken by another process; starting "
+                    "again on a new port",
+                    attempt,
+                    START_ATTEMPTS,
+                )
+            except BaseException:
+                self.kill()
+                raise
+
+    def _start(
+        self,
+        actor_cls: ActorClass,
+        cfg: Any,
+        options_per_rank: list[dict[str, Any]],
+        init_timeout: float | None,
+    ) -> None:
+        num_ranks = self.world_size
+        rank0 = actor_cls.options(**options_per_rank[0]).remote(cfg, 0, num_ranks, None, None)
+        self.actors.append(rank0)
+        addr, port = wait_all([rank0.master_address.remote()], init_timeout, "starting rank 0")[0]
+        for rank in range(1, num_ranks):
+            opts = options_per_rank[rank]
+            self.actors.append(actor_cls.options(**opts).remote(cfg, rank, num_ranks, addr, port))
+        nodes = wait_all(self.call("node_id"), init_timeout, "starting the ranks")
+        local = [(nodes[:r].count(n), nodes.count(n)) for r, n in enumerate(nodes)]
+        refs = [a.init.remote(lr, ls) for a, (lr, ls) in zip(self.actors, local)]
+        wait_all(refs, init_timeout, "initialising torch.distributed and the DeepSpeed engines")
 
     def __len__(self) -> int:
         return self.world_size
