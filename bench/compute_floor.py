@@ -1,7 +1,7 @@
 """Compute floor: how far a measured RL step is from the time the machine needs just for its arithmetic.
 
-1. This machine's fp32 matmul rate with torch, at 1 thread (what each Ray actor gets: one CPU each) and at
-   all cores (what the step could use if every core were busy all the time): best of several runs, on the
+1. This machine's fp32 matmul rate with torch, at 1 thread and at all cores (what each role uses with
+   placement.<role>.num_threads = the cores, as the benchmarks run it): best of several runs, on the
    shapes an LM layer multiplies.
 2. The FLOPs a step must do, from the measured token counts of the step (bench/results/step_breakdown.json,
    and TRL's from bench/results/grpo_vs_trl.json): N = parameters that take part in a matmul (every
@@ -9,8 +9,8 @@
    forward pass, 6·N per token of each training pass (forward + backward):
    - generation: 2·N·(each prompt's tokens once — prefix caching shares them among its samples — plus every
      generated token);
-   - reference log-probs 2·N·T, old policy log-probs 2·N·T (our trainer computes them; TRL skips them when
-     there is one update per batch), critic values 2·N·T and critic training 6·N·T (GAE only),
+   - reference log-probs 2·N·T, old policy log-probs 2·N·T (only when a separate pass ran: neither side
+     computes them for one update per batch), critic values 2·N·T and critic training 6·N·T (GAE only),
    - policy training 6·N·T per PPO epoch; with T = prompt + response tokens of every sample.
    Attention's sequence-length term and the rule reward are left out (small at these lengths).
 3. floor = FLOPs / the best rate measured (at any thread count); report step time / floor.
@@ -99,7 +99,9 @@ def ours_floor(name: str, wl: dict[str, Any], n: int, rate: float) -> dict[str, 
     s = wl["settings"]
     gae = s["estimator"] == "gae"
     epochs = s.get("ppo_epochs", 1)
-    forwards = 2 + (1 if gae else 0)  # reference + old policy log-probs (+ critic values)
+    # reference (+ old policy log-probs when a separate pass ran: `time/logprobs` is logged then) (+ values)
+    old_pass = any("time/logprobs" in st["metrics"] for st in wl["steps"])
+    forwards = 1 + int(old_pass) + int(gae)
     train_passes = epochs * (2 if gae else 1)  # policy (+ critic)
     rows = []
     for st in wl["steps"]:
@@ -137,14 +139,16 @@ def ours_floor(name: str, wl: dict[str, Any], n: int, rate: float) -> dict[str, 
 
 
 def compare_floor(name: str, res: dict[str, Any], n: int, rate: float) -> list[dict[str, Any]]:
-    """Both sides of a grpo_vs_trl workload. Forward passes besides generation: ours reference + old
-    policy log-probs; TRL reference only (beta > 0; no old log-probs with one update per batch). Prompt
-    tokens per sample: as measured on our side (same prompts and template)."""
+    """Both sides of a grpo_vs_trl workload. Forward passes besides generation: the reference only on both
+    sides (beta > 0; with one update per batch neither computes old log-probs: ours since
+    `algorithm.old_logprobs=auto`). Prompt tokens per sample: as measured on our side (same prompts and
+    template)."""
     w = res["spec"]
     ours_runs = [r for r in res["runs"] if r["side"] == "ours"]
     prompt_per_sample = sum(r["prompt_tokens_per_sample"] for r in ours_runs) / max(len(ours_runs), 1)
     out = []
-    for side, forwards in (("ours", 2), ("trl", 1 if w["beta"] > 0 else 0)):
+    reference = 1 if w["beta"] > 0 else 0
+    for side, forwards in (("ours", reference), ("trl", reference)):
         rows = []
         for run in (r for r in res["runs"] if r["side"] == side):
             samples = w["prompts_per_step"] * w["samples"]

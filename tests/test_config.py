@@ -21,6 +21,16 @@ def test_defaults_validate_and_round_trip():
     assert again.to_dict() == cfg.to_dict()
 
 
+def test_saved_config_yaml_loads_back(tmp_path):
+    """What a run writes to <output_dir>/config.yaml (yaml.safe_dump of to_dict) is a --config file again."""
+    cfg = RLHFConfig.from_dict(
+        {"model": {"policy_path": "/m"}, "placement": {"rollout": {"resources": {"n": 1}, "num_threads": 2}}}
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    assert RLHFConfig.from_yaml(path) == cfg
+
+
 def test_yaml_and_overrides(tmp_path):
     path = write(tmp_path, {"algorithm": {"estimator": "gae", "kl_coef": 0.1}, "trainer": {"lr": 1e-5}})
     cfg = RLHFConfig.from_yaml(path, ["algorithm.kl_coef=0.05", "trainer.zero_stage=3", "run.seed=7"])

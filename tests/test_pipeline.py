@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from jobs.pipeline import main
 from rlhf_ray.config import RLHFConfig
@@ -81,7 +82,7 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, capsys):
     assert len(pairs) > 100 and set(pairs[0]) == {"prompt", "chosen", "rejected"}
     rm = json.loads((out / "stages" / "reward_model.json").read_text())["result"]
     assert rm["init"] == str(out / "sft") and rm["eval/accuracy"] > 0.5, rm
-    rl_config = json.loads((out / "rl" / "config.yaml").read_text())
+    rl_config = yaml.safe_load((out / "rl" / "config.yaml").read_text())
     assert rl_config["model"]["policy_path"] == str(out / "sft")
     assert rl_config["model"]["reward_path"] == str(out / "reward_model")
     assert rl_config["reward"]["kind"] == "model"

@@ -6,11 +6,11 @@ task (answers made of digits, of the right length): the mean reward must rise cl
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
+import yaml
 from transformers import AutoModelForCausalLM
 
 from rlhf_ray.config import RLHFConfig
@@ -129,5 +129,7 @@ def test_rl_improves_reward(ray_local, tiny_model_dir, task, tmp_path, estimator
     ]
     assert max(moved) > 1e-3 and all(math.isfinite(m) for m in moved)
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "run" / "config.yaml").read_text())["algorithm"]["estimator"] == estimator
+    assert (
+        yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["algorithm"]["estimator"] == estimator
+    )
     assert summary["policy"].endswith("policy")

@@ -9,9 +9,9 @@ finished experiment instead of running anything.
 from __future__ import annotations
 
 import csv
-import json
 
 import pytest
+import yaml
 
 from jobs.sweep import parse
 from rlhf_ray.config import ConfigError, RLHFConfig
@@ -213,7 +213,7 @@ def test_four_trial_sweep_then_restore(ray_local, tiny_model_dir, task, tmp_path
         out = tmp_path / "sweep" / "trials" / r["trial"]
         assert r["output_dir"] == str(out)
         # the trial's run used its own kl_coef and lr
-        run_cfg = json.loads((out / "config.yaml").read_text())
+        run_cfg = yaml.safe_load((out / "config.yaml").read_text())
         assert (run_cfg["algorithm"]["kl_coef"], run_cfg["trainer"]["lr"]) == (r["kl_coef"], r["lr"])
         steps = [m for m in read_metrics(out / "metrics.jsonl") if "reward/mean" in m]
         assert len(steps) == r["steps"] >= sweep.grace_period  # ASHA stops no trial before its grace period

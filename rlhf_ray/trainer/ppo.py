@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+import yaml
 
 from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController
 from rlhf_ray.checkpoint import CheckpointManager, writable_dir
@@ -114,7 +115,8 @@ class PPOTrainer(RecoveryMixin):
         self.restarts = 0  # recoveries so far (bounded by run.max_restarts)
         self._logger: MetricsLogger | None = None
         self.roles: Roles | None = None
-        (self.out / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=1))
+        # the resolved config, loadable again with --config (secrets never enter it: they come from the env)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
