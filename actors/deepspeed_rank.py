@@ -167,6 +167,12 @@ class DeepSpeedRank:
         per_rank = max(1, self.cfg.algorithm.mini_batch_size // self.world)
         return math.ceil(per_rank / self.cfg.trainer.micro_batch_size)
 
+    def optimiser_steps(self, batch_rows: int) -> int:
+        """Optimiser steps `_train` takes on a batch of `batch_rows` sequences (every rank the same)."""
+        max_shard = math.ceil(batch_rows / self.world)
+        per_rank = max(1, self.cfg.algorithm.mini_batch_size // self.world)
+        return self.cfg.algorithm.ppo_epochs * math.ceil(max_shard / per_rank)
+
     # ---- sharding and micro-batching -----------------------------------------------------------
     def _shard(self, batch: Batch) -> tuple[Batch, int]:
         """This rank's shard and the largest shard of any rank (what sets the number of passes)."""

@@ -48,11 +48,13 @@ class PolicyRank(DeepSpeedRank):
         kl_loss, grad_norm, lr (and the other diagnostics of `ppo_policy_loss`)."""
         algo = self.cfg.algorithm
         temperature = self.cfg.rollout.temperature
-        if "logprobs" not in batch and not self.cfg.reuses_training_logprobs():
+        steps = self.optimiser_steps(len(batch))
+        if "logprobs" not in batch and steps != 1:
             raise ValueError(
-                "train: the batch has no old log-probs ('logprobs'); they may only be left out when one "
-                "optimiser step takes the whole batch (see algorithm.old_logprobs): score it with "
-                "compute_logprobs first"
+                f"train: the batch has no old log-probs ('logprobs'), but this update takes {steps} optimiser "
+                f"steps ({len(batch)} sequences, algorithm.mini_batch_size={algo.mini_batch_size}, "
+                f"ppo_epochs={algo.ppo_epochs}): they may only be left out when one step takes the whole "
+                f"batch (see algorithm.old_logprobs); score it with compute_logprobs first"
             )
 
         def micro_loss(part: Batch, weights: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:

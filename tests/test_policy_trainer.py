@@ -279,6 +279,9 @@ def test_micro_batching_does_not_change_the_update(ray_local, tiny_model_dir):
         batches = (step, step, no_old)
         stats = ray.get([t.train(b, kl_coef=0.1)[0] for t, b in zip(trainers, batches)], timeout=300)
         weights = [ray.get(t.export_weights(timeout=120)[0], timeout=60) for t in trainers]
+        # twice the rows: two optimiser steps, where the second needs the log-probs from before the first
+        with pytest.raises(ray.exceptions.RayTaskError, match="no old log-probs.*takes 2 optimiser steps"):
+            ray.get(trainers[2].train(Batch.concat([no_old, no_old]), kl_coef=0.1)[0], timeout=120)
     finally:
         for t in trainers:
             t.kill()
