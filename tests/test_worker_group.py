@@ -11,6 +11,7 @@ import pytest
 from actors.worker_group import START_ATTEMPTS, WorkerGroup, wait_all
 
 pytestmark = pytest.mark.timeout(180)
+BASE_PORT = 20000
 
 
 class FlakyRank:
@@ -18,7 +19,11 @@ class FlakyRank:
 
     def __init__(self, cfg: dict, rank: int, world: int, addr: str | None, port: int | None):
         self.cfg, self.rank = cfg, rank
-        self.port = port if port is not None else 20000 + len(list(Path(cfg["dir"]).glob("start-*")))
+        if port is None:  # rank 0 of a new start: the n-th start gets port BASE + n, and records itself
+            starts = Path(cfg["dir"])
+            port = BASE_PORT + len(list(starts.glob("start-*")))
+            (starts / f"start-{port}").touch()
+        self.port = port
 
     def master_address(self) -> tuple[str, int]:
         return "127.0.0.1", self.port
@@ -27,10 +32,7 @@ class FlakyRank:
         return "node"
 
     def init(self, local_rank: int, local_size: int) -> None:
-        starts = Path(self.cfg["dir"])
-        if self.rank == 0:
-            (starts / f"start-{self.port}").touch()
-        if len(list(starts.glob("start-*"))) <= self.cfg["failures"]:
+        if self.port - BASE_PORT < self.cfg["failures"]:  # every rank of a start decides alike
             raise OSError(f"[rank {self.rank}] {self.cfg['error']}")
 
     def ping(self) -> int:
