@@ -231,6 +231,7 @@ class DeepSpeedRank:
             order = np.random.default_rng([self.cfg.run.seed, self.train_calls, epoch, self.rank])
             for mini in shard.select(order.permutation(len(shard)).tolist()).split(n_mini):
                 total = self._global_counts(mini)
+                fallback_norm = None  # the pre-clip norm, where DeepSpeed keeps none (stage 0, fp32)
                 for i, part in enumerate(mini.split(n_micro)):
                     scale = 1.0
                     if len(part) == 0:  # nothing left here: a zero-weight pass keeps the ranks in step
@@ -241,7 +242,6 @@ class DeepSpeedRank:
                     self.engine.set_gradient_accumulation_boundary(boundary)
                     loss, stats = micro_loss(part, weights)
                     self.engine.backward(loss, scale_wrt_gas=False)
-                    fallback_norm = None
                     if boundary:
                         step_stats["lr"].append(float(self.engine.get_lr()[0]))
                         if self.stage == 0:  # DeepSpeed's fp32 stage-0 step clips but keeps no norm

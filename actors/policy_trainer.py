@@ -43,7 +43,7 @@ class PolicyRank(DeepSpeedRank):
 
     def train(self, batch: Batch, kl_coef: float) -> dict[str, float]:
         """PPO on this rank's shard of `batch` (fields input_ids, attention_mask, response_mask, advantages,
-        logprobs (the old ones; optional under `cfg.reuses_training_logprobs()`), ref_logprobs for the KL
+        logprobs (the old ones; optional when the update is one optimiser step), ref_logprobs for the KL
         term). Stats: policy_loss, clip_frac, approx_kl, entropy,
         kl_loss, grad_norm, lr (and the other diagnostics of `ppo_policy_loss`)."""
         algo = self.cfg.algorithm
@@ -67,7 +67,7 @@ class PolicyRank(DeepSpeedRank):
                 with_entropy=True,
                 start=response_start(mask),
             )
-            # one on-policy optimiser step (cfg.reuses_training_logprobs): old = current, detached
+            # no old log-probs: one on-policy optimiser step (checked above), so old = current, detached
             old = part["logprobs"] if "logprobs" in part else logprobs.detach()
             pg_loss, stats = ppo_policy_loss(
                 logprobs,

@@ -3,8 +3,9 @@
 Start-up: rank 0 is created first and picks its node address and a free port; the other ranks are then
 created with that (addr, port) as MASTER_ADDR/MASTER_PORT; finally every rank's `init(local_rank,
 local_size)` runs concurrently, since joining the process group (and building a DeepSpeed engine) is a
-collective. A start that lost its port to another process is tried again (`START_ATTEMPTS`). The per-rank Ray `.options()` (CPUs, GPUs, custom resources, placement-group strategy) come
-from the placement module; by default each rank asks for one CPU.
+collective. A start that lost its port to another process is tried again (`START_ATTEMPTS`). The
+per-rank Ray `.options()` (CPUs, GPUs, custom resources, placement-group strategy) come from the
+placement module; by default each rank asks for one CPU.
 
 The group moves references only: `call` returns one `ObjectRef` per rank and never waits.
 """

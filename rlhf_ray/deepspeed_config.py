@@ -31,14 +31,14 @@ def deepspeed_config(
     dtype: torch.dtype,
     micro_batch_size: int,
     grad_accum: int,
-    world: int | None = None,
+    world: int,
 ) -> dict[str, Any]:
     """The `config` dict for `deepspeed.initialize` of one rank.
 
     `micro_batch_size` is sequences per rank per forward/backward; `grad_accum` the number of micro-batches
     per optimiser step. The optimiser and scheduler are passed to DeepSpeed as objects, so no `optimizer`
     or `scheduler` section is written (`zero_allow_untested_optimizer` lets ZeRO take torch's AdamW).
-    With `world` (the number of ranks), the stage is `effective_zero_stage`'s; without, trainer.zero_stage."""
+    `world` is the number of ranks; the stage is `effective_zero_stage`'s."""
     if micro_batch_size < 1 or grad_accum < 1:
         raise ConfigError(
             f"deepspeed_config: micro_batch_size={micro_batch_size} and grad_accum={grad_accum} must both be "
@@ -48,7 +48,7 @@ def deepspeed_config(
         raise ConfigError(
             f"deepspeed_config: dtype={dtype} is not supported: train in float32 or bfloat16 (model.dtype)"
         )
-    stage = trainer_cfg.zero_stage if world is None else effective_zero_stage(trainer_cfg, world)
+    stage = effective_zero_stage(trainer_cfg, world)
     if trainer_cfg.offload_params and stage != 3:
         raise ConfigError(
             f"trainer.offload_params=true needs ZeRO stage 3 (trainer.zero_stage={stage}): parameters are only "

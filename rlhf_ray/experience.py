@@ -53,7 +53,8 @@ def make_experience(
     normalizer: RewardNormalizer | None = None,
 ) -> tuple[Batch, dict[str, float]]:
     """Add `rewards`, `advantages` (and `returns` for GAE) to a batch holding `scores`, `logprobs` (or only
-    the sampler's `rollout_logprobs`), `ref_logprobs` (and `values` for GAE). Returns the batch and step statistics."""
+    the sampler's `rollout_logprobs`), `ref_logprobs` (and `values` for GAE). Returns the batch and step
+    statistics."""
     mask = batch["response_mask"].float()
     scores = batch["scores"].float()
     raw_scores = scores.clone()

@@ -10,7 +10,7 @@ from rlhf_ray.deepspeed_config import deepspeed_config, effective_zero_stage
 
 
 def test_defaults_fp32_zero2():
-    cfg = deepspeed_config(TrainerConfig(), torch.float32, micro_batch_size=4, grad_accum=2)
+    cfg = deepspeed_config(TrainerConfig(), torch.float32, micro_batch_size=4, grad_accum=2, world=2)
     assert cfg["train_micro_batch_size_per_gpu"] == 4
     assert cfg["gradient_accumulation_steps"] == 2
     assert cfg["gradient_clipping"] == 1.0
@@ -21,12 +21,12 @@ def test_defaults_fp32_zero2():
 
 
 def test_bf16_follows_the_dtype():
-    assert deepspeed_config(TrainerConfig(), torch.bfloat16, 1, 1)["bf16"] == {"enabled": True}
+    assert deepspeed_config(TrainerConfig(), torch.bfloat16, 1, 1, 2)["bf16"] == {"enabled": True}
 
 
 def test_zero3_with_offload():
     tc = TrainerConfig(zero_stage=3, offload_optimizer=True, offload_params=True, grad_clip=0.5)
-    cfg = deepspeed_config(tc, torch.float32, 2, 1)
+    cfg = deepspeed_config(tc, torch.float32, 2, 1, 2)
     zero = cfg["zero_optimization"]
     assert zero["stage"] == 3
     assert zero["offload_optimizer"]["device"] == "cpu"
@@ -45,14 +45,14 @@ def test_zero3_with_offload():
 )
 def test_offload_needs_a_partitioning_stage(trainer, match):
     with pytest.raises(ConfigError, match=match):
-        deepspeed_config(trainer, torch.float32, 1, 1)
+        deepspeed_config(trainer, torch.float32, 1, 1, 2)
 
 
 def test_bad_sizes_and_dtypes_fail_clearly():
     with pytest.raises(ConfigError, match="micro_batch_size=0"):
-        deepspeed_config(TrainerConfig(), torch.float32, 0, 1)
+        deepspeed_config(TrainerConfig(), torch.float32, 0, 1, 2)
     with pytest.raises(ConfigError, match="float16"):
-        deepspeed_config(TrainerConfig(), torch.float16, 1, 1)
+        deepspeed_config(TrainerConfig(), torch.float16, 1, 1, 2)
 
 
 @pytest.mark.parametrize(
@@ -69,5 +69,3 @@ def test_bad_sizes_and_dtypes_fail_clearly():
 def test_a_single_rank_runs_stage_0_unless_it_offloads(trainer, world, stage):
     assert effective_zero_stage(trainer, world) == stage
     assert deepspeed_config(trainer, torch.float32, 1, 1, world)["zero_optimization"]["stage"] == stage
-    # without `world`, the configured stage as it is
-    assert deepspeed_config(trainer, torch.float32, 1, 1)["zero_optimization"]["stage"] == trainer.zero_stage

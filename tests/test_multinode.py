@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.data.synthetic import write_task
 from rlhf_ray.metrics import read_metrics
-from rlhf_ray.runtime import runtime_env_vars
 from rlhf_ray.trainer.ppo import PPOTrainer
+from tests.ray_fixtures import local_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -24,21 +23,11 @@ STORE = 256 * 1024**2
 @pytest.fixture(scope="module")
 def cluster():
     """Head (1 CPU: the driver's node), a trainer node and a rollout node, all local raylets."""
-    if ray.is_initialized():
-        raise RuntimeError("a Ray session is already initialised in this process; this module starts its own")
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False, "object_store_memory": STORE},
-    )
-    try:
+    with local_cluster(num_cpus=1, object_store_memory=STORE) as c:
         trainer = c.add_node(num_cpus=2, resources={"trainer_node": 2}, object_store_memory=STORE)
         rollout = c.add_node(num_cpus=3, resources={"rollout_node": 3}, object_store_memory=STORE)
         c.wait_for_nodes()
-        ray.init(address=c.address, runtime_env={"env_vars": runtime_env_vars()})
         yield {"head": c.head_node.node_id, "trainer": trainer.node_id, "rollout": rollout.node_id}
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 def node_of(actor) -> str:

@@ -21,14 +21,13 @@ import time
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.data.synthetic import write_task
 from rlhf_ray.metrics import read_metrics
-from rlhf_ray.runtime import runtime_env_vars
 from rlhf_ray.trainer.ppo import PPOTrainer
 from rlhf_ray.trainer.recovery import RecoveryError
+from tests.ray_fixtures import local_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -39,23 +38,8 @@ ROLLOUT_NODE = {"num_cpus": 3, "resources": {"rollout_node": 3}, "object_store_m
 @pytest.fixture(scope="module")
 def cluster():
     """A head node (the driver and the policy ranks: 2 CPUs, `trainer_node`); tests add worker nodes."""
-    if ray.is_initialized():
-        raise RuntimeError("a Ray session is already initialised in this process; this module starts its own")
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 2,
-            "resources": {"trainer_node": 2},
-            "include_dashboard": False,
-            "object_store_memory": STORE,
-        },
-    )
-    try:
-        ray.init(address=c.address, runtime_env={"env_vars": runtime_env_vars()})
+    with local_cluster(num_cpus=2, resources={"trainer_node": 2}, object_store_memory=STORE) as c:
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 @pytest.fixture
