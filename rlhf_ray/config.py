@@ -7,11 +7,17 @@ Every error is a `ConfigError` that names the key, the value, what is allowed an
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
 import hashlib
+import inspect
+import io
 import json
 import re
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +33,15 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key, the value and the fix."""
 
 
+def _require(key: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}")
+
+
+# Each section checks its own values (`check(prefix)`, prefix being where it sits, e.g. "placement.policy.");
+# the rules that span sections are in `RLHFConfig.validate`.
+
+
 @dataclass
 class ModelConfig:
     policy_path: str = ""  # HF directory of the initial policy (the SFT model in stage 4)
@@ -35,60 +50,86 @@ class ModelConfig:
     tokenizer_path: str | None = None  # defaults to policy_path
     dtype: Literal["float32", "bfloat16", "auto"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
 
+    def check(self, prefix: str) -> None:
+        """Nothing to range-check: the paths are checked where they are loaded."""
+
 
 @dataclass
 class DataConfig:
     train_path: str = ""  # JSONL, Parquet or a saved `datasets` directory
-    eval_path: str | None = None
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    chosen_field: str = "chosen"
-    rejected_field: str = "rejected"
-    max_prompt_len: int = 128  # tokens
-    max_response_len: int = 128  # tokens, for SFT and preference data
+    eval_path: str | None = None  # held-out data, same formats (RL evaluates on it; else eval_fraction)
+    prompt_field: str = "prompt"  # record field holding the prompt
+    response_field: str = "response"  # record field holding the SFT answer
+    chosen_field: str = "chosen"  # record field holding the preferred answer of a pair
+    rejected_field: str = "rejected"  # record field holding the other answer of a pair
+    max_prompt_len: int = 128  # longest prompt, in tokens
+    max_response_len: int = 128  # longest SFT or preference answer, in tokens
     apply_chat_template: bool = False  # wrap prompts as a user turn with the tokenizer's chat template
     chat_template: str | None = None  # Jinja template overriding the tokenizer's own
-    overlong_prompt: Literal["truncate", "skip", "error"] = (
-        "skip"  # what to do with a prompt > max_prompt_len
-    )
+    # what to do with a prompt longer than max_prompt_len
+    overlong_prompt: Literal["truncate", "skip", "error"] = "skip"
     eval_fraction: float = 0.05  # held-out share of train_path when eval_path is not given
+
+    def check(self, prefix: str) -> None:
+        p = prefix
+        _require(p + "max_prompt_len", self.max_prompt_len, self.max_prompt_len >= 1, "an integer >= 1")
+        _require(p + "max_response_len", self.max_response_len, self.max_response_len >= 1, "an integer >= 1")
+        _require(p + "eval_fraction", self.eval_fraction, 0 <= self.eval_fraction < 1, "a number in [0, 1)")
 
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["vllm", "hf"] = "vllm"
-    num_engines: int = 1
-    tensor_parallel_size: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    samples_per_prompt: int = 4
+    engine: Literal["vllm", "hf"] = "vllm"  # hf: transformers generate, a fallback needing nothing else
+    num_engines: int = 1  # rollout engine actors generating in parallel
+    tensor_parallel_size: int = 1  # GPUs of one vLLM engine
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling: keep the smallest token set of this probability
+    max_new_tokens: int = 64  # longest sampled response, in tokens
+    samples_per_prompt: int = 4  # responses per prompt (GRPO/RLOO compare them; >= 2 there)
     kv_cache_gib: float = 1.0  # cap on the vLLM KV cache (GiB); on CPU it comes out of system memory
     enable_prefix_caching: bool = True  # the samples of one prompt share its KV cache
     weight_sync: Literal["object_store", "broadcast"] = "object_store"  # how new weights reach the engines
 
+    def check(self, prefix: str) -> None:
+        p = prefix
+        _require(p + "num_engines", self.num_engines, self.num_engines >= 1, "an integer >= 1")
+        _require(
+            p + "tensor_parallel_size",
+            self.tensor_parallel_size,
+            self.tensor_parallel_size >= 1,
+            "an integer >= 1",
+        )
+        _require(p + "temperature", self.temperature, self.temperature > 0, "a number > 0")
+        _require(p + "top_p", self.top_p, 0 < self.top_p <= 1, "a number in (0, 1]")
+        _require(p + "max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, "an integer >= 1")
+        _require(
+            p + "samples_per_prompt", self.samples_per_prompt, self.samples_per_prompt >= 1, "an integer >= 1"
+        )
+        _require(p + "kv_cache_gib", self.kv_cache_gib, self.kv_cache_gib > 0, "a number > 0")
+
 
 @dataclass
 class AlgorithmConfig:
-    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "grpo"
-    gamma: float = 1.0
-    lam: float = 0.95
+    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "grpo"  # advantage estimator (gae: a critic)
+    gamma: float = 1.0  # discount of future token rewards (GAE)
+    lam: float = 0.95  # GAE lambda: bias/variance trade-off of the advantage
     clip_eps: float = 0.2  # PPO ratio clip
     clip_eps_high: float | None = None  # asymmetric upper clip (DAPO "clip-higher"); None: = clip_eps
     dual_clip: float | None = None  # dual-clip constant c > 1 for negative advantages
-    value_clip: float | None = 0.2
+    value_clip: float | None = 0.2  # clip of the critic's value change per update; None: off
     kl_coef: float = 0.05  # weight of the KL penalty to the reference
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    kl_in: Literal["reward", "loss"] = "loss"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # estimator of the per-token KL (Schulman's k1/k2/k3)
+    kl_in: Literal["reward", "loss"] = "loss"  # the KL penalty as a per-token reward or a loss term
     kl_target: float | None = None  # set to use the adaptive KL controller (Ziegler et al. 2019)
-    kl_horizon: int = 10000
-    whiten_advantages: bool = True
+    kl_horizon: int = 10000  # adaptive KL controller's horizon, in samples
+    whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over the batch (gae, rloo)
     reward_clip: float | None = None  # clip scores to [-c, c]
     normalize_reward: bool = False  # scale scores by a running std
-    ppo_epochs: int = 1
+    ppo_epochs: int = 1  # passes over each step's batch
     mini_batch_size: int = 32  # sequences per optimiser step
+    # how the per-token losses are averaged into one: over all tokens, or per sequence first
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
-    entropy_coef: float = 0.0
+    entropy_coef: float = 0.0  # weight of the entropy bonus
     # Where the PPO ratio's "old" log-probs come from. auto: when one optimiser step takes the whole batch
     # (ppo_epochs=1, mini_batch_size >= the step's batch) and the KL is in the loss, the training forward's
     # own log-probs, detached (the ratio is exactly 1 there, as TRL does at num_iterations=1), and the
@@ -96,27 +137,79 @@ class AlgorithmConfig:
     # separate forward on the policy ranks before the update.
     old_logprobs: Literal["auto", "recompute"] = "auto"
 
+    def check(self, prefix: str) -> None:
+        p = prefix
+        _require(p + "gamma", self.gamma, 0 <= self.gamma <= 1, "a number in [0, 1]")
+        _require(p + "lam", self.lam, 0 <= self.lam <= 1, "a number in [0, 1]")
+        _require(p + "clip_eps", self.clip_eps, 0 < self.clip_eps < 1, "a number in (0, 1)")
+        _require(
+            p + "clip_eps_high",
+            self.clip_eps_high,
+            self.clip_eps_high is None or self.clip_eps_high > 0,
+            "null or a number > 0",
+        )
+        _require(
+            p + "dual_clip",
+            self.dual_clip,
+            self.dual_clip is None or self.dual_clip > 1,
+            "null or a number > 1",
+        )
+        _require(
+            p + "value_clip",
+            self.value_clip,
+            self.value_clip is None or self.value_clip > 0,
+            "null or a number > 0",
+        )
+        _require(p + "kl_coef", self.kl_coef, self.kl_coef >= 0, "a number >= 0")
+        _require(
+            p + "kl_target",
+            self.kl_target,
+            self.kl_target is None or self.kl_target > 0,
+            "null or a number > 0",
+        )
+        _require(p + "kl_horizon", self.kl_horizon, self.kl_horizon >= 1, "an integer >= 1")
+        _require(
+            p + "reward_clip",
+            self.reward_clip,
+            self.reward_clip is None or self.reward_clip > 0,
+            "null or a number > 0",
+        )
+        _require(p + "ppo_epochs", self.ppo_epochs, self.ppo_epochs >= 1, "an integer >= 1")
+        _require(p + "mini_batch_size", self.mini_batch_size, self.mini_batch_size >= 1, "an integer >= 1")
+        _require(p + "entropy_coef", self.entropy_coef, self.entropy_coef >= 0, "a number >= 0")
+
 
 @dataclass
 class TrainerConfig:
     num_ranks: int = 1  # DeepSpeed ranks of the policy (and of the critic)
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    lr: float = 1e-6
-    critic_lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
+    zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage (one rank runs stage 0 unless offloading)
+    lr: float = 1e-6  # policy learning rate
+    critic_lr: float = 1e-5  # critic learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # optimiser steps of linear learning-rate warm-up
+    grad_clip: float = 1.0  # gradient-norm clip; 0: off
     micro_batch_size: int = 8  # sequences per rank per forward/backward
-    grad_accum: int = 1
-    gradient_checkpointing: bool = False
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    grad_accum: int = 1  # not read at present: a step accumulates its micro-batches itself
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
+    offload_optimizer: bool = False  # ZeRO: optimiser state in CPU memory
+    offload_params: bool = False  # ZeRO-3: parameters in CPU memory
+
+    def check(self, prefix: str) -> None:
+        p = prefix
+        _require(p + "num_ranks", self.num_ranks, self.num_ranks >= 1, "an integer >= 1")
+        _require(p + "lr", self.lr, self.lr > 0, "a number > 0")
+        _require(p + "critic_lr", self.critic_lr, self.critic_lr > 0, "a number > 0")
+        _require(p + "weight_decay", self.weight_decay, self.weight_decay >= 0, "a number >= 0")
+        _require(p + "warmup_steps", self.warmup_steps, self.warmup_steps >= 0, "an integer >= 0")
+        _require(p + "grad_clip", self.grad_clip, self.grad_clip >= 0, "a number >= 0 (0: off)")
+        _require(p + "micro_batch_size", self.micro_batch_size, self.micro_batch_size >= 1, "an integer >= 1")
+        _require(p + "grad_accum", self.grad_accum, self.grad_accum >= 1, "an integer >= 1")
 
 
 @dataclass
 class RoleResources:
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    num_cpus: float = 1.0  # Ray CPUs of each actor of the role
+    num_gpus: float = 0.0  # GPUs of each actor of the role (fractions share one)
     resources: dict[str, float] = field(
         default_factory=dict
     )  # custom Ray resources, e.g. {"node:rollout": 1}
@@ -125,60 +218,110 @@ class RoleResources:
     # Ray still reserves num_cpus (e.g. num_threads = the node's cores).
     num_threads: int | None = None
 
+    def check(self, prefix: str) -> None:
+        p = prefix
+        _require(p + "num_cpus", self.num_cpus, self.num_cpus >= 0, "a number >= 0")
+        _require(p + "num_gpus", self.num_gpus, self.num_gpus >= 0, "a number >= 0")
+        _require(
+            p + "num_threads",
+            self.num_threads,
+            self.num_threads is None or self.num_threads >= 1,
+            "null (= num_cpus) or an integer >= 1",
+        )
+
 
 @dataclass
 class PlacementConfig:
+    # colocate: the rollout engines and the reference share the policy ranks' bundles
     mode: Literal["separate", "colocate"] = "separate"
-    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # placement-group strategy
     policy: RoleResources = field(default_factory=RoleResources)  # per rank
     critic: RoleResources = field(default_factory=RoleResources)  # per rank
     rollout: RoleResources = field(default_factory=RoleResources)  # per engine
-    reference: RoleResources = field(default_factory=RoleResources)
-    reward: RoleResources = field(default_factory=RoleResources)
+    reference: RoleResources = field(default_factory=RoleResources)  # the frozen reference policy
+    reward: RoleResources = field(default_factory=RoleResources)  # the reward model or scorer
+
+    def check(self, prefix: str) -> None:
+        for role in ("policy", "critic", "rollout", "reference", "reward"):
+            getattr(self, role).check(f"{prefix}{role}.")
 
 
 @dataclass
 class RewardConfig:
-    kind: Literal["model", "rule", "http"] = "model"
+    kind: Literal["model", "rule", "http"] = "model"  # a reward model, a Python function, or an HTTP scorer
     function: str | None = None  # 'module:function' for kind='rule'
     url: str | None = None  # scorer endpoint for kind='http'
-    timeout_s: float = 30.0
-    retries: int = 2
+    timeout_s: float = 30.0  # longest wait for one answer of the HTTP scorer
+    retries: int = 2  # retries of a failed HTTP scorer call
+
+    def check(self, prefix: str) -> None:
+        p = prefix
+        _require(p + "timeout_s", self.timeout_s, self.timeout_s > 0, "a number > 0")
+        _require(p + "retries", self.retries, self.retries >= 0, "an integer >= 0")
+        if self.kind == "rule" and not (self.function and ":" in self.function):
+            raise ConfigError(
+                f"{p}function={self.function!r}: {p}kind='rule' needs 'module:function' "
+                f"(e.g. {p}function=rlhf_ray.data.synthetic:gold_reward)"
+            )
+        if self.kind == "http" and not (self.url or "").startswith(("http://", "https://")):
+            raise ConfigError(f"{p}url={self.url!r}: {p}kind='http' needs an http(s) URL of the scorer")
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/default"
-    seed: int = 0
-    total_steps: int = 100
-    prompts_per_step: int = 8
+    output_dir: str = "runs/default"  # logs, checkpoints, config.yaml and the final model
+    seed: int = 0  # seed of sampling, data order and initialisation
+    total_steps: int = 100  # RL steps
+    prompts_per_step: int = 8  # prompts of one RL step (x rollout.samples_per_prompt sequences)
     eval_interval: int = 0  # steps; 0: only at the end
-    eval_prompts: int = 64
-    eval_greedy: bool = True
-    eval_function: str | None = (
-        None  # 'module:function' scoring eval responses besides the reward (e.g. a gold score)
-    )
+    eval_prompts: int = 64  # prompts of data.eval_path in each evaluation; 0: no evaluation
+    eval_greedy: bool = True  # evaluate greedy answers, else one sample per prompt
+    # 'module:function' scoring eval responses besides the reward (e.g. a gold score)
+    eval_function: str | None = None
     call_timeout_s: float = 1800.0  # longest wait for any role's answer before the run fails naming that role
     max_restarts: int = 3  # recoveries from dead/hung actors in one run; past it the run stops (resumable)
     # longest wait for a restarted role's placement-group bundle to get a node again (its node was lost);
     # past it the run stops, naming the roles and the missing resources (resumable)
     restart_timeout_s: float = 600.0
 
+    def check(self, prefix: str) -> None:
+        p = prefix
+        _require(p + "total_steps", self.total_steps, self.total_steps >= 0, "an integer >= 0")
+        _require(p + "prompts_per_step", self.prompts_per_step, self.prompts_per_step >= 1, "an integer >= 1")
+        _require(p + "eval_interval", self.eval_interval, self.eval_interval >= 0, "an integer >= 0")
+        _require(p + "eval_prompts", self.eval_prompts, self.eval_prompts >= 0, "an integer >= 0")
+        _require(p + "call_timeout_s", self.call_timeout_s, self.call_timeout_s > 0, "a number > 0")
+        _require(p + "max_restarts", self.max_restarts, self.max_restarts >= 0, "an integer >= 0")
+        _require(p + "restart_timeout_s", self.restart_timeout_s, self.restart_timeout_s > 0, "a number > 0")
+        if self.eval_function is not None and ":" not in self.eval_function:
+            raise ConfigError(
+                f"{p}eval_function={self.eval_function!r}: expected 'module:function' "
+                f"(e.g. rlhf_ray.data.synthetic:gold_reward)"
+            )
+
 
 @dataclass
 class LoggingConfig:
-    jsonl: bool = True
-    tensorboard: bool = True
-    progress_bar: bool = True
-    log_interval: int = 1
+    jsonl: bool = True  # metrics as JSON lines under <run.output_dir>/logs
+    tensorboard: bool = True  # metrics as TensorBoard events
+    progress_bar: bool = True  # a progress bar on the terminal
+    log_interval: int = 1  # steps between metric records
+
+    def check(self, prefix: str) -> None:
+        _require(prefix + "log_interval", self.log_interval, self.log_interval >= 1, "an integer >= 1")
 
 
 @dataclass
 class CheckpointConfig:
     dir: str | None = None  # defaults to <run.output_dir>/checkpoints
     interval: int = 0  # steps; 0: only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # newest checkpoints kept; older ones are deleted
     resume: bool = True  # continue from the newest complete checkpoint in dir
+
+    def check(self, prefix: str) -> None:
+        p = prefix
+        _require(p + "interval", self.interval, self.interval >= 0, "an integer >= 0")
+        _require(p + "keep_last", self.keep_last, self.keep_last >= 1, "an integer >= 1")
 
 
 @dataclass
@@ -186,18 +329,29 @@ class OfflineStageConfig:
     """Settings of one offline stage (read by `rlhf_ray.trainer.offline.stage_settings`; the jobs'
     --epochs/--batch-size/--lr flags override them)."""
 
-    epochs: int = 1
+    epochs: int = 1  # passes over the stage's data
     batch_size: int = 32  # sequences (SFT) or pairs (reward model, DPO) per optimiser step, all ranks
     lr: float | None = None  # None: trainer.lr
     beta: float = 0.1  # DPO only: strength of the implicit KL to the reference
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO only
 
+    def check(self, prefix: str) -> None:
+        p = prefix
+        _require(p + "epochs", self.epochs, self.epochs >= 1, "an integer >= 1")
+        _require(p + "batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1")
+        _require(p + "lr", self.lr, self.lr is None or self.lr > 0, "null (trainer.lr) or a number > 0")
+        _require(p + "beta", self.beta, self.beta > 0, "a number > 0")
+
 
 @dataclass
 class OfflineConfig:
-    sft: OfflineStageConfig = field(default_factory=OfflineStageConfig)
-    reward_model: OfflineStageConfig = field(default_factory=OfflineStageConfig)
-    dpo: OfflineStageConfig = field(default_factory=OfflineStageConfig)
+    sft: OfflineStageConfig = field(default_factory=OfflineStageConfig)  # stage 2: supervised fine-tuning
+    reward_model: OfflineStageConfig = field(default_factory=OfflineStageConfig)  # stage 3: reward model
+    dpo: OfflineStageConfig = field(default_factory=OfflineStageConfig)  # DPO instead of stages 3 and 4
+
+    def check(self, prefix: str) -> None:
+        for stage in ("sft", "reward_model", "dpo"):
+            getattr(self, stage).check(f"{prefix}{stage}.")
 
 
 @dataclass
@@ -214,21 +368,31 @@ class PipelineConfig:
     report_greedy: bool = True  # the report also scores greedy answers (temperature-1 samples always)
     min_gold_gain: float = 0.02  # smallest rise of the sampled gold score that counts as an improvement
 
+    def check(self, prefix: str) -> None:
+        p = prefix
+        _require(p + "n_demos", self.n_demos, self.n_demos >= 1, "an integer >= 1")
+        _require(p + "n_train_prompts", self.n_train_prompts, self.n_train_prompts >= 1, "an integer >= 1")
+        _require(p + "n_eval_prompts", self.n_eval_prompts, self.n_eval_prompts >= 1, "an integer >= 1")
+        _require(
+            p + "preference_prompts", self.preference_prompts, self.preference_prompts >= 2, "an integer >= 2"
+        )
+        _require(p + "min_gold_gain", self.min_gold_gain, self.min_gold_gain >= 0, "a number >= 0")
+
 
 @dataclass
 class RLHFConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    placement: PlacementConfig = field(default_factory=PlacementConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    offline: OfflineConfig = field(default_factory=OfflineConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the models each role starts from
+    data: DataConfig = field(default_factory=DataConfig)  # datasets, their fields and length limits
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # generation by the rollout engines
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # advantages, PPO loss, KL penalty
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # DeepSpeed ranks and the optimiser
+    placement: PlacementConfig = field(default_factory=PlacementConfig)  # Ray resources of each role
+    reward: RewardConfig = field(default_factory=RewardConfig)  # where the scores come from
+    run: RunConfig = field(default_factory=RunConfig)  # length, output, evaluation and fault tolerance
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # where metrics go
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving and resuming
+    offline: OfflineConfig = field(default_factory=OfflineConfig)  # the offline stages' own settings
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # the four-stage job (jobs.pipeline)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -286,229 +450,10 @@ class RLHFConfig:
 
     # ---- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
-        """Range checks and checks across sections; types were checked while building."""
-        checks: list[tuple[str, Any, bool, str]] = [
-            (
-                "rollout.num_engines",
-                self.rollout.num_engines,
-                self.rollout.num_engines >= 1,
-                "an integer >= 1",
-            ),
-            (
-                "rollout.tensor_parallel_size",
-                self.rollout.tensor_parallel_size,
-                self.rollout.tensor_parallel_size >= 1,
-                "an integer >= 1",
-            ),
-            ("rollout.temperature", self.rollout.temperature, self.rollout.temperature > 0, "a number > 0"),
-            ("rollout.top_p", self.rollout.top_p, 0 < self.rollout.top_p <= 1, "a number in (0, 1]"),
-            (
-                "rollout.max_new_tokens",
-                self.rollout.max_new_tokens,
-                self.rollout.max_new_tokens >= 1,
-                "an integer >= 1",
-            ),
-            (
-                "rollout.samples_per_prompt",
-                self.rollout.samples_per_prompt,
-                self.rollout.samples_per_prompt >= 1,
-                "an integer >= 1",
-            ),
-            (
-                "rollout.kv_cache_gib",
-                self.rollout.kv_cache_gib,
-                self.rollout.kv_cache_gib > 0,
-                "a number > 0",
-            ),
-            ("algorithm.gamma", self.algorithm.gamma, 0 <= self.algorithm.gamma <= 1, "a number in [0, 1]"),
-            ("algorithm.lam", self.algorithm.lam, 0 <= self.algorithm.lam <= 1, "a number in [0, 1]"),
-            (
-                "algorithm.clip_eps",
-                self.algorithm.clip_eps,
-                0 < self.algorithm.clip_eps < 1,
-                "a number in (0, 1)",
-            ),
-            (
-                "algorithm.clip_eps_high",
-                self.algorithm.clip_eps_high,
-                self.algorithm.clip_eps_high is None or self.algorithm.clip_eps_high > 0,
-                "null or a number > 0",
-            ),
-            (
-                "algorithm.dual_clip",
-                self.algorithm.dual_clip,
-                self.algorithm.dual_clip is None or self.algorithm.dual_clip > 1,
-                "null or a number > 1",
-            ),
-            (
-                "algorithm.value_clip",
-                self.algorithm.value_clip,
-                self.algorithm.value_clip is None or self.algorithm.value_clip > 0,
-                "null or a number > 0",
-            ),
-            ("algorithm.kl_coef", self.algorithm.kl_coef, self.algorithm.kl_coef >= 0, "a number >= 0"),
-            (
-                "algorithm.kl_target",
-                self.algorithm.kl_target,
-                self.algorithm.kl_target is None or self.algorithm.kl_target > 0,
-                "null or a number > 0",
-            ),
-            (
-                "algorithm.kl_horizon",
-                self.algorithm.kl_horizon,
-                self.algorithm.kl_horizon >= 1,
-                "an integer >= 1",
-            ),
-            (
-                "algorithm.reward_clip",
-                self.algorithm.reward_clip,
-                self.algorithm.reward_clip is None or self.algorithm.reward_clip > 0,
-                "null or a number > 0",
-            ),
-            (
-                "algorithm.ppo_epochs",
-                self.algorithm.ppo_epochs,
-                self.algorithm.ppo_epochs >= 1,
-                "an integer >= 1",
-            ),
-            (
-                "algorithm.mini_batch_size",
-                self.algorithm.mini_batch_size,
-                self.algorithm.mini_batch_size >= 1,
-                "an integer >= 1",
-            ),
-            (
-                "algorithm.entropy_coef",
-                self.algorithm.entropy_coef,
-                self.algorithm.entropy_coef >= 0,
-                "a number >= 0",
-            ),
-            ("trainer.num_ranks", self.trainer.num_ranks, self.trainer.num_ranks >= 1, "an integer >= 1"),
-            ("trainer.lr", self.trainer.lr, self.trainer.lr > 0, "a number > 0"),
-            ("trainer.critic_lr", self.trainer.critic_lr, self.trainer.critic_lr > 0, "a number > 0"),
-            (
-                "trainer.weight_decay",
-                self.trainer.weight_decay,
-                self.trainer.weight_decay >= 0,
-                "a number >= 0",
-            ),
-            (
-                "trainer.warmup_steps",
-                self.trainer.warmup_steps,
-                self.trainer.warmup_steps >= 0,
-                "an integer >= 0",
-            ),
-            (
-                "trainer.grad_clip",
-                self.trainer.grad_clip,
-                self.trainer.grad_clip >= 0,
-                "a number >= 0 (0: off)",
-            ),
-            (
-                "trainer.micro_batch_size",
-                self.trainer.micro_batch_size,
-                self.trainer.micro_batch_size >= 1,
-                "an integer >= 1",
-            ),
-            ("trainer.grad_accum", self.trainer.grad_accum, self.trainer.grad_accum >= 1, "an integer >= 1"),
-            (
-                "data.max_prompt_len",
-                self.data.max_prompt_len,
-                self.data.max_prompt_len >= 1,
-                "an integer >= 1",
-            ),
-            (
-                "data.max_response_len",
-                self.data.max_response_len,
-                self.data.max_response_len >= 1,
-                "an integer >= 1",
-            ),
-            (
-                "data.eval_fraction",
-                self.data.eval_fraction,
-                0 <= self.data.eval_fraction < 1,
-                "a number in [0, 1)",
-            ),
-            ("reward.timeout_s", self.reward.timeout_s, self.reward.timeout_s > 0, "a number > 0"),
-            ("reward.retries", self.reward.retries, self.reward.retries >= 0, "an integer >= 0"),
-            ("run.total_steps", self.run.total_steps, self.run.total_steps >= 0, "an integer >= 0"),
-            (
-                "run.prompts_per_step",
-                self.run.prompts_per_step,
-                self.run.prompts_per_step >= 1,
-                "an integer >= 1",
-            ),
-            ("run.eval_interval", self.run.eval_interval, self.run.eval_interval >= 0, "an integer >= 0"),
-            ("run.eval_prompts", self.run.eval_prompts, self.run.eval_prompts >= 0, "an integer >= 0"),
-            ("run.call_timeout_s", self.run.call_timeout_s, self.run.call_timeout_s > 0, "a number > 0"),
-            ("run.max_restarts", self.run.max_restarts, self.run.max_restarts >= 0, "an integer >= 0"),
-            (
-                "run.restart_timeout_s",
-                self.run.restart_timeout_s,
-                self.run.restart_timeout_s > 0,
-                "a number > 0",
-            ),
-            (
-                "logging.log_interval",
-                self.logging.log_interval,
-                self.logging.log_interval >= 1,
-                "an integer >= 1",
-            ),
-            (
-                "checkpoint.interval",
-                self.checkpoint.interval,
-                self.checkpoint.interval >= 0,
-                "an integer >= 0",
-            ),
-            (
-                "checkpoint.keep_last",
-                self.checkpoint.keep_last,
-                self.checkpoint.keep_last >= 1,
-                "an integer >= 1",
-            ),
-        ]
-        for role in ("policy", "critic", "rollout", "reference", "reward"):
-            res: RoleResources = getattr(self.placement, role)
-            checks.append((f"placement.{role}.num_cpus", res.num_cpus, res.num_cpus >= 0, "a number >= 0"))
-            checks.append((f"placement.{role}.num_gpus", res.num_gpus, res.num_gpus >= 0, "a number >= 0"))
-            checks.append(
-                (
-                    f"placement.{role}.num_threads",
-                    res.num_threads,
-                    res.num_threads is None or res.num_threads >= 1,
-                    "null (= num_cpus) or an integer >= 1",
-                )
-            )
-        for stage in ("sft", "reward_model", "dpo"):
-            st: OfflineStageConfig = getattr(self.offline, stage)
-            checks += [
-                (f"offline.{stage}.epochs", st.epochs, st.epochs >= 1, "an integer >= 1"),
-                (f"offline.{stage}.batch_size", st.batch_size, st.batch_size >= 1, "an integer >= 1"),
-                (
-                    f"offline.{stage}.lr",
-                    st.lr,
-                    st.lr is None or st.lr > 0,
-                    "null (trainer.lr) or a number > 0",
-                ),
-                (f"offline.{stage}.beta", st.beta, st.beta > 0, "a number > 0"),
-            ]
-        pipe = self.pipeline
-        checks += [
-            ("pipeline.n_demos", pipe.n_demos, pipe.n_demos >= 1, "an integer >= 1"),
-            ("pipeline.n_train_prompts", pipe.n_train_prompts, pipe.n_train_prompts >= 1, "an integer >= 1"),
-            ("pipeline.n_eval_prompts", pipe.n_eval_prompts, pipe.n_eval_prompts >= 1, "an integer >= 1"),
-            (
-                "pipeline.preference_prompts",
-                pipe.preference_prompts,
-                pipe.preference_prompts >= 2,
-                "an integer >= 2",
-            ),
-            ("pipeline.min_gold_gain", pipe.min_gold_gain, pipe.min_gold_gain >= 0, "a number >= 0"),
-        ]
-        for key, value, ok, allowed in checks:
-            if not ok:
-                raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}")
-
+        """Each section's own checks, in field order, then the rules across sections; types were checked
+        while building."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).check(f"{f.name}.")
         algo, rollout = self.algorithm, self.rollout
         if algo.estimator in ("grpo", "rloo") and rollout.samples_per_prompt < 2:
             raise ConfigError(
@@ -526,20 +471,6 @@ class RLHFConfig:
             raise ConfigError(
                 f"algorithm.mini_batch_size={algo.mini_batch_size} must split evenly across "
                 f"trainer.num_ranks={self.trainer.num_ranks} ranks; make it a multiple of {self.trainer.num_ranks}"
-            )
-        if self.reward.kind == "rule" and not (self.reward.function and ":" in self.reward.function):
-            raise ConfigError(
-                f"reward.function={self.reward.function!r}: reward.kind='rule' needs 'module:function' "
-                f"(e.g. reward.function=rlhf_ray.data.synthetic:gold_reward)"
-            )
-        if self.run.eval_function is not None and ":" not in self.run.eval_function:
-            raise ConfigError(
-                f"run.eval_function={self.run.eval_function!r}: expected 'module:function' "
-                f"(e.g. rlhf_ray.data.synthetic:gold_reward)"
-            )
-        if self.reward.kind == "http" and not (self.reward.url or "").startswith(("http://", "https://")):
-            raise ConfigError(
-                f"reward.url={self.reward.url!r}: reward.kind='http' needs an http(s) URL of the scorer"
             )
 
 
@@ -642,3 +573,43 @@ def _describe(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(map(repr, typing.get_args(tp)))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+# ---- reference ------------------------------------------------------------------------------------
+@functools.cache
+def field_help(cls: type) -> dict[str, str]:
+    """Each field of the dataclass `cls` with its help text, read from the class source: the `# comment` on
+    the field's line(s), else the comment lines just above it."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    trailing: dict[int, str] = {}  # line -> comment after code
+    alone: dict[int, str] = {}  # line -> comment on a line of its own
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            own_line = tok.line.strip().startswith("#")
+            (alone if own_line else trailing)[tok.start[0]] = tok.string.lstrip("#").strip()
+    helps = {}
+    for node in typing.cast(ast.ClassDef, ast.parse(source).body[0]).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = [trailing[n] for n in range(node.lineno, node.end_lineno + 1) if n in trailing]
+            line = node.lineno - 1
+            while not text and line in alone:
+                line -= 1
+            text = text or [alone[n] for n in range(line + 1, node.lineno)]
+            helps[node.target.id] = " ".join(text)
+    return helps
+
+
+def config_reference(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every leaf key of the config tree as (dotted key, type, default as YAML, help), in field order:
+    what `--help` lists and what a YAML file may set."""
+    cls = cls or RLHFConfig
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += config_reference(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        type_str = f.type if isinstance(f.type, str) else _describe(f.type)
+        rows.append((prefix + f.name, type_str, json.dumps(default), helps.get(f.name, "")))
+    return rows

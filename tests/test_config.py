@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
+
 import pytest
 import yaml
 
-from rlhf_ray.config import ConfigError, RLHFConfig, apply_overrides
+from rlhf_ray.config import (
+    AlgorithmConfig,
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    OfflineConfig,
+    OfflineStageConfig,
+    PipelineConfig,
+    PlacementConfig,
+    RewardConfig,
+    RLHFConfig,
+    RoleResources,
+    RolloutConfig,
+    RunConfig,
+    TrainerConfig,
+    apply_overrides,
+    config_reference,
+    field_help,
+)
 
 
 def write(tmp_path, data) -> str:
@@ -161,3 +184,94 @@ def test_old_logprobs_come_from_the_update_only_for_one_on_policy_step(algorithm
         }
     )
     assert cfg.reuses_training_logprobs() is reuses
+
+
+# ---- each section checks its own values ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("section", "prefix", "needle"),
+    [
+        (DataConfig(eval_fraction=1.0), "data.", "data.eval_fraction=1.0"),
+        (RolloutConfig(top_p=0.0), "rollout.", "rollout.top_p=0.0"),
+        (AlgorithmConfig(clip_eps=2), "algorithm.", "algorithm.clip_eps=2"),
+        (TrainerConfig(grad_clip=-1.0), "trainer.", "trainer.grad_clip=-1.0"),
+        (RoleResources(num_cpus=-1.0), "placement.policy.", "placement.policy.num_cpus=-1.0"),
+        (
+            PlacementConfig(critic=RoleResources(num_threads=0)),
+            "placement.",
+            "placement.critic.num_threads=0",
+        ),
+        (RewardConfig(retries=-1), "reward.", "reward.retries=-1"),
+        (RewardConfig(kind="rule", function="no_colon"), "reward.", "reward.function='no_colon'"),
+        (RewardConfig(kind="http", url="ftp://x"), "reward.", "reward.url='ftp://x'"),
+        (RunConfig(eval_function="gold"), "run.", "run.eval_function='gold'"),
+        (RunConfig(max_restarts=-1), "run.", "run.max_restarts=-1"),
+        (LoggingConfig(log_interval=0), "logging.", "logging.log_interval=0"),
+        (CheckpointConfig(keep_last=0), "checkpoint.", "checkpoint.keep_last=0"),
+        (OfflineStageConfig(beta=0.0), "offline.dpo.", "offline.dpo.beta=0.0"),
+        (OfflineConfig(sft=OfflineStageConfig(epochs=0)), "offline.", "offline.sft.epochs=0"),
+        (PipelineConfig(preference_prompts=1), "pipeline.", "pipeline.preference_prompts=1"),
+    ],
+)
+def test_each_section_checks_its_own_values(section, prefix, needle):
+    with pytest.raises(ConfigError) as info:
+        section.check(prefix)
+    assert needle in str(info.value)
+
+
+def test_section_defaults_pass_their_own_check():
+    cfg = RLHFConfig()
+    for f in dataclasses.fields(cfg):
+        getattr(cfg, f.name).check(f"{f.name}.")
+    ModelConfig().check("model.")
+
+
+def test_rules_across_sections_stay_on_the_whole_config():
+    # each section alone is fine; together they are not
+    AlgorithmConfig(mini_batch_size=64).check("algorithm.")
+    RunConfig(prompts_per_step=2).check("run.")
+    with pytest.raises(ConfigError, match="algorithm.mini_batch_size=64"):
+        RLHFConfig.from_dict({"algorithm": {"mini_batch_size": 64}, "run": {"prompts_per_step": 2}})
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        RLHFConfig.from_dict({"algorithm": {"mini_batch_size": 32}, "trainer": {"num_ranks": 3}})
+
+
+# ---- the reference that --help shows ---------------------------------------------------------------
+def test_config_reference_covers_every_leaf_key_with_help():
+    rows = config_reference()
+    keys = [key for key, _, _, _ in rows]
+    assert len(keys) == len(set(keys))
+
+    def leaves(data, prefix=""):
+        for name, value in data.items():
+            if isinstance(value, dict) and name != "resources":
+                yield from leaves(value, f"{prefix}{name}.")
+            else:
+                yield prefix + name
+
+    assert keys == list(leaves(RLHFConfig().to_dict()))
+    assert [key for key, _, _, help_ in rows if not help_.strip()] == []
+    row = {key: (tp, default, help_) for key, tp, default, help_ in rows}
+    assert row["algorithm.kl_coef"] == ("float", "0.05", "weight of the KL penalty to the reference")
+    assert row["placement.rollout.num_threads"][:2] == ("int | None", "null")
+    assert "torch threads" in row["placement.rollout.num_threads"][2]  # the comment block above the field
+    assert row["data.overlong_prompt"][1] == '"skip"'
+
+
+def test_field_help_reads_trailing_and_preceding_comments():
+    @dataclass
+    class Example:
+        a: int = 1  # trailing
+        # above, first line
+        # above, second line
+        b: str = "x"
+        c: dict[str, int] = field(
+            default_factory=dict,  # a field spread over lines
+        )
+        d: int = 0
+
+    assert field_help(Example) == {
+        "a": "trailing",
+        "b": "above, first line above, second line",
+        "c": "a field spread over lines",
+        "d": "",
+    }
