@@ -7,15 +7,36 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
-from rlhf_ray.config import ConfigError, RLHFConfig
+from rlhf_ray.config import ConfigError, RLHFConfig, config_reference, field_help
 from rlhf_ray.runtime import runtime_env_vars, setup_process_env
 
 
+def config_epilog() -> str:
+    """Every config key with its type, default and help, grouped by section: the `--help` epilog of a job
+    (with `argparse.RawDescriptionHelpFormatter`)."""
+    sections = field_help(RLHFConfig)
+    lines = ["config keys (set them in the --config YAML, or as section.key=value after the flags):"]
+    current = None
+    for key, type_str, default, help_ in config_reference():
+        section = key.split(".", 1)[0]
+        if section != current:
+            current = section
+            lines += ["", f"{section}: {sections[section]}"]
+        lines.append(f"  {key}: {type_str} = {default}")
+        lines += textwrap.wrap(help_, width=108, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
 def parse_args(description: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, RLHFConfig]:
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog=config_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
     parser.add_argument(
         "--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)"
