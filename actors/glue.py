@@ -1,6 +1,8 @@
-"""Small computations that combine the roles' outputs inside the cluster, so the driver holds only refs.
+"""The glue worker: one long-lived actor that combines the roles' outputs inside the cluster (joins the
+engines' rollouts and the ranks' shards, makes the experience, scores evaluations), so the driver holds
+only refs. It lives here, below both the worker groups that join shards on it and the RL driver.
 
-They run on one long-lived actor, the glue worker (`glue()`), not as Ray tasks: a task needs an idle
+The combinations run on one actor, not as Ray tasks: a task needs an idle
 worker process, and on a cluster whose CPUs are all reserved by the roles Ray stops idle task workers
 within a second, so every step of a real model paid a new Python process (measured: 1.8 s per step,
 `time/advantages` on SmolLM2-135M). The functions are plain, for tests and for use outside Ray.
@@ -15,7 +17,7 @@ import ray
 
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import AlgorithmConfig
-from rlhf_ray.experience import RewardNormalizer, make_experience
+from rlhf_ray.experience import OldLogprobs, RewardNormalizer, make_experience, mark_old_logprobs
 from rlhf_ray.rewards import check_scores, load_rule_function
 
 
@@ -43,8 +45,9 @@ def experience(
 ) -> tuple[Batch, dict[str, float], RewardNormalizer | None]:
     """The training batch, its stats and the updated normaliser from the roles' outputs."""
     batch = rollout.union(ref).union(scores)
-    if logprobs is not None:  # None: the update uses its own (RLHFConfig.reuses_training_logprobs)
+    if logprobs is not None:  # None: the update uses its own (OldLogprobs.FROM_UPDATE)
         batch = batch.union(logprobs)
+    mark_old_logprobs(batch, OldLogprobs.FROM_UPDATE if logprobs is None else OldLogprobs.SCORED)
     if values is not None:
         batch = batch.union(values)
     batch, stats = make_experience(batch, algo, kl_coef, group_size, normalizer)

@@ -29,6 +29,7 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.role_id import RoleId, RoleKind
 from rlhf_ray.config import RLHFConfig, RoleResources
 
 
@@ -46,10 +47,59 @@ class RolePlan:
     placement_group: PlacementGroup | None = None
     owned: bool = True  # False: the group of the Tune trial we run in; its owner removes it
 
+    def options_of(self, role: RoleId) -> list[dict[str, Any]]:
+        """The `.options()` of the actors of `role`: one per rank of a trainer, one for an engine."""
+        if role.kind is RoleKind.ROLLOUT:
+            return self.rollout if role.index is None else [self.rollout[role.index]]
+        by_kind = {
+            RoleKind.POLICY: self.policy,
+            RoleKind.CRITIC: self.critic,
+            RoleKind.REFERENCE: [self.reference],
+            RoleKind.REWARD: [self.reward],
+        }
+        options = by_kind[role.kind]
+        return options if role.index is None else [options[role.index]]
+
+    def bundles_of(self, role: RoleId) -> list[int]:
+        """The placement-group bundle indices the actors of `role` run on."""
+        return [o["scheduling_strategy"].placement_group_bundle_index for o in self.options_of(role)]
+
     def remove(self) -> None:
         if self.placement_group is not None and self.owned:
             remove_placement_group(self.placement_group)
         self.placement_group = None
+
+
+def needs_critic(cfg: RLHFConfig) -> bool:
+    """Only the GAE estimator learns a value function; the critic-free ones start no critic."""
+    return cfg.algorithm.estimator == "gae"
+
+
+def role_options(
+    res: RoleResources,
+    share: float = 1.0,
+    placement_group: PlacementGroup | None = None,
+    bundle: int | None = None,
+) -> dict[str, Any]:
+    """Ray `.options()` of one actor with `share` of the resources `res` (a `placement.<role>` entry),
+    in bundle `bundle` of `placement_group` when one is given. The one translation of the config's
+    resources into Ray's."""
+    opts: dict[str, Any] = {
+        "num_cpus": res.num_cpus * share,
+        "num_gpus": res.num_gpus * share,
+        "resources": {k: v * share for k, v in res.resources.items()},
+    }
+    if placement_group is not None:
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=placement_group, placement_group_bundle_index=bundle
+        )
+    return opts
+
+
+def needed_cpus(cfg: RLHFConfig) -> float:
+    """Logical CPUs the RL roles reserve (the sum over their bundles, colocated roles counted once)."""
+    bundles, _ = layout(cfg)
+    return sum(b.get("CPU", 0.0) for b in bundles)
 
 
 def _bundle(res: RoleResources) -> dict[str, float]:
@@ -61,8 +111,13 @@ def _bundle(res: RoleResources) -> dict[str, float]:
 Slot = tuple[int, float, RoleResources]  # bundle index, share of that bundle, the bundle's resources
 
 
-def layout(cfg: RLHFConfig, need_critic: bool) -> tuple[list[dict[str, float]], dict[str, list[Slot]]]:
-    """Bundles, and for each role one slot per actor: which bundle, what share of it."""
+def layout(
+    cfg: RLHFConfig, need_critic: bool | None = None
+) -> tuple[list[dict[str, float]], dict[str, list[Slot]]]:
+    """Bundles, and for each role one slot per actor: which bundle, what share of it. `need_critic`
+    defaults to what the estimator needs (`needs_critic`)."""
+    if need_critic is None:
+        need_critic = needs_critic(cfg)
     p = cfg.placement
     n_ranks, n_engines = cfg.trainer.num_ranks, cfg.rollout.num_engines
     bundles: list[dict[str, float]] = []
@@ -129,7 +184,7 @@ def borrowed_offset(pg: PlacementGroup, bundles: list[dict[str, float]]) -> int:
     return offset
 
 
-def plan_placement(cfg: RLHFConfig, need_critic: bool, timeout_s: float = 300.0) -> RolePlan:
+def plan_placement(cfg: RLHFConfig, need_critic: bool | None = None, timeout_s: float = 300.0) -> RolePlan:
     """Reserve the roles' bundles (a new placement group, or the current Tune trial's) and return the
     `.options()` of every actor."""
     bundles, slots = layout(cfg, need_critic)
@@ -140,17 +195,7 @@ def plan_placement(cfg: RLHFConfig, need_critic: bool, timeout_s: float = 300.0)
         pg, offset, owned = _new_group(cfg, bundles, timeout_s), 0, True
 
     def options(role: str) -> list[dict[str, Any]]:
-        return [
-            {
-                "num_cpus": res.num_cpus * share,
-                "num_gpus": res.num_gpus * share,
-                "resources": {k: v * share for k, v in res.resources.items()},
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=offset + idx
-                ),
-            }
-            for idx, share, res in slots[role]
-        ]
+        return [role_options(res, share, pg, offset + idx) for idx, share, res in slots[role]]
 
     return RolePlan(
         policy=options("policy"),

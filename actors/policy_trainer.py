@@ -14,6 +14,7 @@ from actors.deepspeed_rank import DeepSpeedRank, LossWeights
 from actors.worker_group import TrainerHandle, as_ref, joined, wait_all
 from rlhf_ray.algorithms import kl_estimate, masked_mean, ppo_policy_loss
 from rlhf_ray.batch import Batch
+from rlhf_ray.experience import OldLogprobs, old_logprobs_of
 from rlhf_ray.models import load_causal_lm, response_start, sequence_logprobs
 
 
@@ -43,18 +44,19 @@ class PolicyRank(DeepSpeedRank):
 
     def train(self, batch: Batch, kl_coef: float) -> dict[str, float]:
         """PPO on this rank's shard of `batch` (fields input_ids, attention_mask, response_mask, advantages,
-        logprobs (the old ones; optional when the update is one optimiser step), ref_logprobs for the KL
-        term). Stats: policy_loss, clip_frac, approx_kl, entropy,
+        ref_logprobs for the KL term, and the old `logprobs` unless the batch says they come from the
+        update itself: `rlhf_ray.experience.old_logprobs_of`). Stats: policy_loss, clip_frac, approx_kl, entropy,
         kl_loss, grad_norm, lr (and the other diagnostics of `ppo_policy_loss`)."""
         algo = self.cfg.algorithm
         temperature = self.cfg.rollout.temperature
+        source = old_logprobs_of(batch)
         steps = self.optimiser_steps(len(batch))
-        if "logprobs" not in batch and steps != 1:
+        if source is OldLogprobs.FROM_UPDATE and steps != 1:
             raise ValueError(
-                f"train: the batch has no old log-probs ('logprobs'), but this update takes {steps} optimiser "
-                f"steps ({len(batch)} sequences, algorithm.mini_batch_size={algo.mini_batch_size}, "
-                f"ppo_epochs={algo.ppo_epochs}): they may only be left out when one step takes the whole "
-                f"batch (see algorithm.old_logprobs); score it with compute_logprobs first"
+                f"train: the batch has no old log-probs (they were to come from the update itself), but this "
+                f"update takes {steps} optimiser steps ({len(batch)} sequences, algorithm.mini_batch_size="
+                f"{algo.mini_batch_size}, ppo_epochs={algo.ppo_epochs}): that is exact only when one step "
+                f"takes the whole batch (see algorithm.old_logprobs); score it with compute_logprobs first"
             )
 
         def micro_loss(part: Batch, weights: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
@@ -67,8 +69,8 @@ class PolicyRank(DeepSpeedRank):
                 with_entropy=True,
                 start=response_start(mask),
             )
-            # no old log-probs: one on-policy optimiser step (checked above), so old = current, detached
-            old = part["logprobs"] if "logprobs" in part else logprobs.detach()
+            # FROM_UPDATE: one on-policy optimiser step (checked above), so old = current, detached
+            old = part["logprobs"] if source is OldLogprobs.SCORED else logprobs.detach()
             pg_loss, stats = ppo_policy_loss(
                 logprobs,
                 old,
@@ -91,7 +93,7 @@ class PolicyRank(DeepSpeedRank):
                     loss = loss + kl_coef * weights("token-mean") * kl
             stats = {"policy_loss": stats.pop("pg_loss"), **stats}
             stats.update(entropy=entropy_mean.item(), kl_loss=kl.item())
-            if "logprobs" not in part and "rollout_logprobs" in part:  # no scoring pass compared them
+            if source is OldLogprobs.FROM_UPDATE and "rollout_logprobs" in part:  # no scoring pass compared them
                 gap = (part["rollout_logprobs"] - logprobs.detach()).abs()
                 stats["rollout_vs_trainer_logprob_diff"] = masked_mean(gap, mask).item()
             return loss, stats
@@ -112,7 +114,7 @@ class PolicyTrainer(TrainerHandle):
 
     def train(self, batch_ref: ray.ObjectRef | Batch, kl_coef: float) -> list[ray.ObjectRef]:
         """One PPO update (algorithm.ppo_epochs over mini-batches); refs of the per-rank stats dicts
-        (average them with `actors.worker_group.average_stats`)."""
+        (average them with `actors.worker_group.combine_rank_stats`)."""
         return self.group.call("train", as_ref(batch_ref), float(kl_coef))
 
     # ---- broadcast transport (rlhf_ray.weight_sync): trainer rank 0 is rank 0 of the side group

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import ray
 from ray.actor import ActorClass, ActorHandle
+
+from actors.deadline import DeadlinePassed, as_ready
+from actors.glue import glue
 
 DEFAULT_RANK_OPTIONS: dict[str, Any] = {"num_cpus": 1}
 # Rank 0 picks a free port, then binds it only when the ranks join: another process can take it in between
@@ -43,25 +45,20 @@ def wait_all(
     """`ray.get` of every ref, failing fast: the first rank that raises aborts the wait (its peers may be
     blocked in a collective forever), and `timeout` (seconds, None = no limit) bounds the whole wait."""
     refs = list(refs)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    pending = list(refs)
-    while pending:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
-        if not ready:
-            raise WorkerGroupError(
-                f"{what}: {len(pending)} of {len(refs)} ranks did not finish within {timeout} s "
-                f"(a rank may be stuck in a collective; pass a larger timeout or check the rank logs)"
-            )
-        ray.get(ready)  # raises the rank's own error
+    try:
+        for ref in as_ready(refs, timeout):
+            ray.get(ref)  # raises the rank's own error
+    except DeadlinePassed as late:
+        raise WorkerGroupError(
+            f"{what}: {len(late.pending)} of {len(refs)} ranks did not finish within {timeout} s "
+            f"(a rank may be stuck in a collective; pass a larger timeout or check the rank logs)"
+        ) from None
     return ray.get(refs)
 
 
 def joined(shards: list[ray.ObjectRef]) -> ray.ObjectRef:
     """One ref to the ranks' shards joined in rank order (on the glue worker, off the driver); a single
     rank's shard as it is."""
-    from rlhf_ray.trainer.tasks import glue
-
     return shards[0] if len(shards) == 1 else glue().concat.remote(*shards)
 
 
@@ -70,13 +67,18 @@ def as_ref(value: Any) -> ray.ObjectRef:
     return value if isinstance(value, ray.ObjectRef) else ray.put(value)
 
 
-def average_stats(stats: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Mean of each key over the per-rank stats dicts, max for keys named `*_max` (a key missing on a
-    rank is taken over the ranks that have it)."""
+def combine_rank_stats(stats: Sequence[dict[str, float]]) -> dict[str, float]:
+    """One dict from the ranks' stats dicts: the max of keys named `*_max`, the min of `*_min`, the mean
+    of the rest (a key missing on a rank is taken over the ranks that have it)."""
     out = {}
     for k in sorted({k for s in stats for k in s}):
         values = [s[k] for s in stats if k in s]
-        out[k] = max(values) if k.endswith("_max") else sum(values) / len(values)
+        if k.endswith("_max"):
+            out[k] = max(values)
+        elif k.endswith("_min"):
+            out[k] = min(values)
+        else:
+            out[k] = sum(values) / len(values)
     return out
 
 
@@ -201,3 +203,6 @@ class TrainerHandle:
 
     def kill(self) -> None:
         self.group.kill()
+
+
+average_stats = combine_rank_stats  # TEMPORARY: the old name, until every caller is committed with the new

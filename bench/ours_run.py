@@ -42,13 +42,11 @@ class OursSession:
     def __enter__(self) -> OursSession:
         import ray
 
-        from actors.placement import layout
+        from actors.placement import needed_cpus
         from rlhf_ray.runtime import runtime_env_vars
         from rlhf_ray.trainer.ppo import PPOTrainer
-        from rlhf_ray.trainer.roles import needs_critic
 
-        bundles, _ = layout(self.cfg, needs_critic(self.cfg))
-        needed = int(sum(b.get("CPU", 0) for b in bundles) + 0.999)
+        needed = int(needed_cpus(self.cfg) + 0.999)
         env = {"env_vars": runtime_env_vars()}
         if self.nodes > 1:
             from ray.cluster_utils import Cluster

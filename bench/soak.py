@@ -107,11 +107,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import ray
 
-    from actors.placement import layout
+    from actors.placement import needed_cpus
     from rlhf_ray.config import RLHFConfig
     from rlhf_ray.runtime import runtime_env_vars, setup_process_env
     from rlhf_ray.trainer.ppo import PPOTrainer
-    from rlhf_ray.trainer.roles import needs_critic
 
     setup_process_env()
     config, common = workload_overrides("tiny")
@@ -125,11 +124,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         *args.overrides,
     ]
     cfg = RLHFConfig.from_yaml(config, overrides)
-    bundles, _ = layout(cfg, needs_critic(cfg))
     before = snapshot()
     ray.init(
         address="local",
-        num_cpus=int(sum(b.get("CPU", 0) for b in bundles) + 0.999),
+        num_cpus=int(needed_cpus(cfg) + 0.999),
         object_store_memory=512 * MIB,
         include_dashboard=False,
         runtime_env={"env_vars": runtime_env_vars()},

@@ -28,11 +28,11 @@ from bench.common import RESULTS, machine, snapshot, spread, workload_overrides,
 def measure(workload: str, syncs: int) -> dict[str, Any]:
     import ray
 
-    from actors.placement import layout
+    from actors.placement import needed_cpus
     from bench.timeline import ROLE_OF
     from rlhf_ray.config import RLHFConfig
     from rlhf_ray.runtime import runtime_env_vars, setup_process_env
-    from rlhf_ray.trainer.roles import needs_critic, start_roles
+    from rlhf_ray.trainer.roles import start_roles
     from rlhf_ray.trainer.weight_sync import BroadcastSync, ObjectStoreSync
 
     setup_process_env()
@@ -40,10 +40,9 @@ def measure(workload: str, syncs: int) -> dict[str, Any]:
     cfg = RLHFConfig.from_yaml(
         config, [*overrides, "trainer.num_ranks=1", "run.output_dir=/tmp/rlhf_bench_sync"]
     )
-    bundles, _ = layout(cfg, needs_critic(cfg))
     ray.init(
         address="local",
-        num_cpus=max(os.cpu_count() or 1, int(sum(b.get("CPU", 0) for b in bundles) + 0.999)),
+        num_cpus=max(os.cpu_count() or 1, int(needed_cpus(cfg) + 0.999)),
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         object_store_memory=1024**3,

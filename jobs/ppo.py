@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 
-from actors.placement import layout
+from actors.placement import needed_cpus
 from jobs.common import init_ray, parse_args
 from rlhf_ray.trainer.ppo import run_ppo
-from rlhf_ray.trainer.roles import needs_critic
 
 
 def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args(__doc__, argv)
-    bundles, _ = layout(cfg, needs_critic(cfg))
-    init_ray(args.address, args.num_cpus, needed_cpus=sum(b.get("CPU", 0) for b in bundles))
+    init_ray(args.address, args.num_cpus, needed_cpus=needed_cpus(cfg))
     summary = run_ppo(cfg)
     print(json.dumps(summary, indent=1))
     return summary

@@ -1,13 +1,19 @@
 """Turn a scored rollout into training experience: KL penalty, rewards per token, advantages, returns.
 
-Pure torch over a `Batch` (no Ray, no I/O): the driver runs it as a small Ray task on the object-store
-references of the roles' outputs, so the batch tensors never pass through the driver.
+Pure torch over a `Batch` (no Ray, no I/O): the driver has it run on the glue worker
+(`actors.glue`) from the object-store references of the roles' outputs, so the batch tensors never pass
+through the driver.
+
+It is also the one home of where the PPO ratio's old log-probs come from (`OldLogprobs`): decided once
+from the config (`old_logprobs_source`), written into the batch (`mark_old_logprobs`), and read back by
+whoever needs it (`old_logprobs_of`): the KL here and the policy ranks' update.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
@@ -22,7 +28,57 @@ from rlhf_ray.algorithms import (
     sequence_to_token_rewards,
 )
 from rlhf_ray.batch import Batch
-from rlhf_ray.config import AlgorithmConfig
+from rlhf_ray.config import AlgorithmConfig, RLHFConfig
+
+
+class OldLogprobs(StrEnum):
+    """Where the PPO ratio's "old" log-probs of a batch come from."""
+
+    # a scoring pass of the policy ranks before the update: the batch's `logprobs` field
+    SCORED = "scored"
+    # the update's own forward, detached: exact only when one optimiser step takes the whole batch (the
+    # ratio is then 1, as TRL's num_iterations=1); saves a policy forward per step. The sampler's
+    # `rollout_logprobs` stand in for the policy's in the KL metric.
+    FROM_UPDATE = "from_update"
+
+
+OLD_LOGPROBS_KEY = "old_logprobs"  # the batch's per-row record of its `OldLogprobs`
+
+
+def old_logprobs_source(cfg: RLHFConfig) -> OldLogprobs:
+    """`FROM_UPDATE` when `algorithm.old_logprobs=auto`, one optimiser step takes the step's whole batch
+    (ppo_epochs=1, mini_batch_size >= prompts_per_step * samples_per_prompt) and the KL is in the loss
+    (in the reward it must be the policy's own before the update); `SCORED` otherwise."""
+    a = cfg.algorithm
+    batch = cfg.run.prompts_per_step * cfg.rollout.samples_per_prompt
+    one_step = a.ppo_epochs == 1 and a.mini_batch_size >= batch
+    auto = a.old_logprobs == "auto" and one_step and a.kl_in == "loss"
+    return OldLogprobs.FROM_UPDATE if auto else OldLogprobs.SCORED
+
+
+def mark_old_logprobs(batch: Batch, source: OldLogprobs) -> Batch:
+    """`batch` recording where its old log-probs come from (a `SCORED` batch must hold `logprobs`)."""
+    if source is OldLogprobs.SCORED and "logprobs" not in batch:
+        raise ValueError("mark_old_logprobs: a SCORED batch needs the policy's 'logprobs' field")
+    batch.meta[OLD_LOGPROBS_KEY] = [source.value] * len(batch)
+    return batch
+
+
+def old_logprobs_of(batch: Batch) -> OldLogprobs:
+    """Where `batch`'s old log-probs come from: its record (`mark_old_logprobs`); a batch without one
+    is `SCORED` when it holds `logprobs` (made by hand, e.g. in tests) and an error otherwise."""
+    marks = set(batch.meta.get(OLD_LOGPROBS_KEY, []))
+    if len(marks) > 1:
+        raise ValueError(f"batch rows disagree on where their old log-probs come from: {sorted(marks)}")
+    if marks:
+        return OldLogprobs(marks.pop())
+    if "logprobs" in batch:
+        return OldLogprobs.SCORED
+    raise ValueError(
+        "the batch has no old log-probs ('logprobs') and does not say where they come from: score it "
+        "with the policy's compute_logprobs, or mark it with "
+        "rlhf_ray.experience.mark_old_logprobs(batch, OldLogprobs.FROM_UPDATE)"
+    )
 
 
 @dataclass
@@ -52,9 +108,9 @@ def make_experience(
     group_size: int,
     normalizer: RewardNormalizer | None = None,
 ) -> tuple[Batch, dict[str, float]]:
-    """Add `rewards`, `advantages` (and `returns` for GAE) to a batch holding `scores`, `logprobs` (or only
-    the sampler's `rollout_logprobs`), `ref_logprobs` (and `values` for GAE). Returns the batch and step
-    statistics."""
+    """Add `rewards`, `advantages` (and `returns` for GAE) to a batch holding `scores`, `ref_logprobs`,
+    the policy's `logprobs` (a `SCORED` batch, see `old_logprobs_of`) or only the sampler's
+    `rollout_logprobs` (`FROM_UPDATE`), and `values` for GAE. Returns the batch and step statistics."""
     mask = batch["response_mask"].float()
     scores = batch["scores"].float()
     raw_scores = scores.clone()
@@ -65,8 +121,9 @@ def make_experience(
         scores = scores.clamp(-algo.reward_clip, algo.reward_clip)
 
     # the policy's log-probs: the trainer's, or the sampler's when the trainer's are not computed
-    # (`RLHFConfig.reuses_training_logprobs`; equal up to kernel differences in the same precision)
-    policy_logprobs = batch["logprobs"] if "logprobs" in batch else batch["rollout_logprobs"]
+    # (OldLogprobs.FROM_UPDATE; equal up to kernel differences in the same precision)
+    scored = old_logprobs_of(batch) is OldLogprobs.SCORED
+    policy_logprobs = batch["logprobs"] if scored else batch["rollout_logprobs"]
     kl = kl_estimate(policy_logprobs, batch["ref_logprobs"], algo.kl_estimator) * mask
     kl_per_seq = kl.sum(dim=1)
     penalty = kl_coef * kl if algo.kl_in == "reward" else torch.zeros_like(kl)
@@ -105,7 +162,7 @@ def make_experience(
         "rollout_vs_trainer_logprob_diff": masked_mean(
             (batch["rollout_logprobs"] - batch["logprobs"]).abs(), mask
         ).item()
-        if "rollout_logprobs" in batch and "logprobs" in batch
+        if scored and "rollout_logprobs" in batch
         else float("nan"),
     }
     if algo.estimator == "gae":

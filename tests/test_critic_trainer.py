@@ -8,7 +8,7 @@ import ray
 import torch
 
 from actors.critic_trainer import CriticTrainer
-from actors.worker_group import average_stats
+from actors.worker_group import combine_rank_stats
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.models import load_value_model, token_values
@@ -77,7 +77,7 @@ def test_training_fits_fixed_returns(critic):
     for _ in range(5):
         values = ray.get(critic.compute_values(batch), timeout=120)
         step = Batch(batch.tensors | {"values": values["values"], "returns": returns})
-        stats = average_stats(ray.get(critic.train(step), timeout=300))
+        stats = combine_rank_stats(ray.get(critic.train(step), timeout=300))
         losses.append(stats["value_loss"])
     for key in ("value_loss", "grad_norm", "lr", "vf_clip_frac", "value_mean", "return_mean"):
         assert key in stats

@@ -7,7 +7,7 @@ import torch
 
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import AlgorithmConfig
-from rlhf_ray.experience import RewardNormalizer, make_experience
+from rlhf_ray.experience import OldLogprobs, RewardNormalizer, make_experience, mark_old_logprobs
 
 
 def batch(n=4, t=5) -> Batch:
@@ -78,11 +78,12 @@ def test_reward_clip_and_normalizer():
 
 
 def test_without_trainer_logprobs_the_kl_uses_the_samplers():
-    """When the update makes its own old log-probs (RLHFConfig.reuses_training_logprobs), the batch holds
+    """When the update makes its own old log-probs (OldLogprobs.FROM_UPDATE), the batch holds
     only the sampler's `rollout_logprobs`: the KL is measured with those, and the advantages are unchanged."""
     full = batch()
     sampler_only = Batch({k: v for k, v in full.tensors.items() if k != "logprobs"})
     sampler_only["rollout_logprobs"] = full["logprobs"] - 0.05 * full["response_mask"]
+    mark_old_logprobs(sampler_only, OldLogprobs.FROM_UPDATE)
     algo = AlgorithmConfig(estimator="grpo", kl_in="loss", kl_estimator="k1")
     out, stats = make_experience(sampler_only, algo, kl_coef=0.5, group_size=2)
     assert stats["kl"] == pytest.approx(0.1, abs=1e-6)  # 2 tokens x (0.1 - 0.05) per sequence

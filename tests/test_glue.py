@@ -7,9 +7,9 @@ import pytest
 import ray
 import torch
 
+from actors.glue import concat_batches, experience, glue, reset_glue
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import AlgorithmConfig
-from rlhf_ray.trainer.tasks import concat_batches, experience, glue, reset_glue
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,10 +16,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from actors.policy_trainer import PolicyTrainer
-from actors.worker_group import average_stats
+from actors.worker_group import combine_rank_stats
 from rlhf_ray.algorithms import ppo_policy_loss
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
+from rlhf_ray.experience import OldLogprobs, mark_old_logprobs
 from rlhf_ray.models import load_causal_lm, sequence_logprobs
 from rlhf_ray.weight_sync import BroadcastReceiver, named_weights
 
@@ -133,14 +134,14 @@ def scenario(request, ray_local, tiny_model_dir, tmp_path_factory):
         # second step: new old-log-probs, the reference stays the initial policy (a live KL term)
         step2 = with_advantages(batch, facts["after"]["logprobs"])
         step2["ref_logprobs"] = facts["before"]["logprobs"]
-        facts["stats2"] = average_stats(ray.get(trainer.train(step2, kl_coef=0.1), timeout=300))
+        facts["stats2"] = combine_rank_stats(ray.get(trainer.train(step2, kl_coef=0.1), timeout=300))
         facts["after2"] = ray.get(trainer.compute_logprobs(batch), timeout=120)
         if stage == 3:
             trainer.kill()
             trainer = PolicyTrainer(cfg)
         trainer.load_checkpoint(str(tmp / "ckpt"), timeout=300)
         facts["resumed_after"] = ray.get(trainer.compute_logprobs(batch), timeout=120)
-        facts["resumed_stats2"] = average_stats(ray.get(trainer.train(step2, kl_coef=0.1), timeout=300))
+        facts["resumed_stats2"] = combine_rank_stats(ray.get(trainer.train(step2, kl_coef=0.1), timeout=300))
         facts["resumed_after2"] = ray.get(trainer.compute_logprobs(batch), timeout=120)
         # uneven shards (4 + 3 rows) and an empty one (1 row): every rank still runs the same passes
         parts = {rows: step2.select(list(range(rows))) for rows in (7, 1)}
@@ -276,6 +277,7 @@ def test_micro_batching_does_not_change_the_update(ray_local, tiny_model_dir):
         noise = torch.randn(B, T, generator=torch.Generator().manual_seed(4))
         step.tensors["advantages"] = noise * step["response_mask"]
         no_old = Batch({k: v for k, v in step.tensors.items() if k != "logprobs"})
+        mark_old_logprobs(no_old, OldLogprobs.FROM_UPDATE)
         batches = (step, step, no_old)
         stats = ray.get([t.train(b, kl_coef=0.1)[0] for t, b in zip(trainers, batches)], timeout=300)
         weights = [ray.get(t.export_weights(timeout=120)[0], timeout=60) for t in trainers]

@@ -2,9 +2,9 @@
 
 Both policies answer the same held-out prompts on their own vLLM `RolloutEngine`: one temperature-1
 sample per prompt with the same seeds (the honest measure: what the policy actually does) and, if asked,
-the greedy answer. Prompts (the first `pipeline.n_eval_prompts` of `data.eval_path`) and seeds
-(`run.seed`) are those of `PPOTrainer.evaluate`, so with `run.eval_prompts` equal to
-`pipeline.n_eval_prompts` the RL curve's first and last points are these figures. Each answer gets the hidden gold score (`run.eval_function`), the learned reward
+the greedy answer. Prompts (`held_out_prompts`: the first `pipeline.n_eval_prompts` of `data.eval_path`)
+and sampling (`sample_held_out`) are shared with `PPOTrainer.evaluate`, so with `run.eval_prompts` equal
+to `pipeline.n_eval_prompts` the RL curve's first and last points are these figures. Each answer gets the hidden gold score (`run.eval_function`), the learned reward
 model's score, its length and, for samples, its KL to the reference (the SFT policy): the sum over the
 answer's tokens of log pi(token) - log pi_ref(token), whose mean over samples of pi estimates
 KL(pi || pi_ref) per answer without bias (the k1 estimator at the sequence level). Both log-probs come
@@ -22,10 +22,10 @@ from typing import Any
 import ray
 import torch
 
+from actors.placement import role_options
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
-from rlhf_ray.trainer.pipeline import Layout
-from rlhf_ray.trainer.pipeline_stages import role_options
+from rlhf_ray.trainer.pipeline_layout import Layout
 from rlhf_ray.trainer.roles import wait_for
 
 
@@ -49,16 +49,22 @@ def answer_stats(
     return out
 
 
-def held_out_prompts(cfg: RLHFConfig) -> list[list[int]]:
-    """Token ids of every held-out prompt (`data.eval_path`, at most `pipeline.n_eval_prompts`)."""
+def held_out_prompts(cfg: RLHFConfig, n: int) -> list[list[int]]:
+    """Token ids of the first `n` prompts of `data.eval_path` that pass the length check (a skipped one
+    does not count): the held-out prompts of every evaluation."""
     from rlhf_ray.data import encode_prompts, load_records
     from rlhf_ray.models import load_tokenizer
 
     records = load_records(cfg.data.eval_path, [cfg.data.prompt_field])
-    records = records.select(range(min(len(records), cfg.pipeline.n_eval_prompts)))
-    tokenizer = load_tokenizer(cfg.model.policy_path, cfg.data.chat_template)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.policy_path, cfg.data.chat_template)
     _, ids, _ = encode_prompts(records[cfg.data.prompt_field], tokenizer, cfg.data, what="held-out prompt")
-    return [x for x in ids if x is not None]
+    return [x for x in ids if x is not None][:n]
+
+
+def sample_held_out(engine: Any, prompts: list[list[int]], cfg: RLHFConfig, greedy: bool) -> ray.ObjectRef:
+    """Ref of one answer per prompt from a `RolloutEngine`: greedy, or sampled with the seed `run.seed`
+    (the same samples in every evaluation of the same weights)."""
+    return engine.generate.remote(prompts, 1, greedy=greedy, seed=cfg.run.seed)
 
 
 def evaluate_policies(
@@ -76,25 +82,24 @@ def evaluate_policies(
             f"evaluate_policies: reference {reference!r} is not one of the policies {list(policies)}"
         )
 
-    prompts = held_out_prompts(cfg)
+    prompts = held_out_prompts(cfg, cfg.pipeline.n_eval_prompts)
     function = cfg.run.eval_function or ""
     engines = {
-        name: RolloutEngine.options(**role_options(cfg, "rollout")).remote(
+        name: RolloutEngine.options(**role_options(cfg.placement.rollout)).remote(
             dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, policy_path=str(path)))
         )
         for name, path in policies.items()
     }
-    reward = RewardModel.options(**role_options(cfg, "reward")).remote(cfg)
+    reward = RewardModel.options(**role_options(cfg.placement.reward)).remote(cfg)
     try:
         pending = {}
-        seed = cfg.run.seed  # as PPOTrainer.evaluate
         for name, engine in engines.items():
-            sampled = engine.generate.remote(prompts, 1, seed=seed)
+            sampled = sample_held_out(engine, prompts, cfg, greedy=False)
             pending[f"{name}/sampled"] = answer_stats.remote(
                 function, sampled, reward.score.remote(sampled), engines[reference].logprobs.remote(sampled)
             )
             if cfg.pipeline.report_greedy:
-                greedy = engine.generate.remote(prompts, 1, greedy=True)
+                greedy = sample_held_out(engine, prompts, cfg, greedy=True)
                 pending[f"{name}/greedy"] = answer_stats.remote(
                     function, greedy, reward.score.remote(greedy), None
                 )

@@ -31,65 +31,20 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from actors import placement
 from rlhf_ray.config import RLHFConfig
+from rlhf_ray.metrics import read_metrics
+from rlhf_ray.report import build_summary, format_table, plot_curves, write_summary
+from rlhf_ray.trainer.evaluation import evaluate_stage
+from rlhf_ray.trainer.pipeline_layout import STAGES, Layout
+from rlhf_ray.trainer.pipeline_stages import STAGE_FUNCTIONS
 
 log = logging.getLogger(__name__)
 
-STAGES = ("data", "sft", "preferences", "reward_model", "rl", "evaluate")
 GOLD_FUNCTION = "rlhf_ray.data.synthetic:gold_reward"
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The paths of one pipeline run (see the module docstring)."""
-
-    root: Path
-
-    @property
-    def task(self) -> Path:
-        return self.root / "task"
-
-    @property
-    def init_model(self) -> Path:
-        return self.task / "model"
-
-    @property
-    def sft(self) -> Path:
-        return self.root / "sft"
-
-    @property
-    def pairs(self) -> Path:
-        return self.root / "preferences" / "pairs.jsonl"
-
-    @property
-    def reward_model(self) -> Path:
-        return self.root / "reward_model"
-
-    @property
-    def rl(self) -> Path:
-        return self.root / "rl"
-
-    @property
-    def rl_policy(self) -> Path:
-        return self.rl / "policy"
-
-    def record(self, stage: str) -> Path:
-        return self.root / "stages" / f"{stage}.json"
-
-    def outputs(self, stage: str) -> list[Path]:
-        """What a stage writes (removed before the stage runs again with other settings)."""
-        return {
-            "data": [self.task],
-            "sft": [self.sft, self.root / "logs" / "sft"],
-            "preferences": [self.pairs.parent],
-            "reward_model": [self.reward_model, self.root / "logs" / "reward_model"],
-            "rl": [self.rl],
-            "evaluate": [],
-        }[stage]
 
 
 # ---- the configs of the stages --------------------------------------------------------------------
@@ -238,18 +193,10 @@ def run_stage(stage: str, fn: StageFn, cfg: RLHFConfig, lay: Layout, key: str) -
 
 # ---- the whole run --------------------------------------------------------------------------------
 def needed_cpus(cfg: RLHFConfig) -> float:
-    """Logical CPUs the largest stage asks of Ray: the RL roles (or the evaluation's four actors)."""
+    """Logical CPUs the largest stage asks of Ray: the RL roles (or the evaluation's engines and reward)."""
     p = cfg.placement
-    rl = (
-        cfg.trainer.num_ranks * p.policy.num_cpus
-        + cfg.rollout.num_engines * p.rollout.num_cpus
-        + p.reference.num_cpus
-        + p.reward.num_cpus
-    )
-    if cfg.algorithm.estimator == "gae":
-        rl += cfg.trainer.num_ranks * p.critic.num_cpus
     evaluation = 2 * p.rollout.num_cpus + p.reward.num_cpus
-    return max(rl, evaluation)
+    return max(placement.needed_cpus(cfg), evaluation)
 
 
 def pending_stages(cfg: RLHFConfig) -> list[str]:
@@ -261,11 +208,6 @@ def pending_stages(cfg: RLHFConfig) -> list[str]:
 def run_pipeline(cfg: RLHFConfig) -> dict[str, Any]:
     """Run (or resume) every stage, then write summary.json, curves.png and report.txt under
     `pipeline.output_dir`. Returns the summary (`rlhf_ray.report`), with the report text as `table`."""
-    from rlhf_ray.metrics import read_metrics
-    from rlhf_ray.report import build_summary, format_table, plot_curves, write_summary
-    from rlhf_ray.trainer.evaluation import evaluate_stage
-    from rlhf_ray.trainer.pipeline_stages import STAGE_FUNCTIONS
-
     t0 = time.perf_counter()
     lay = Layout(Path(cfg.pipeline.output_dir))
     lay.root.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """The stages of `rlhf_ray.trainer.pipeline`, each a function `(stage config, layout) -> result dict`
-that reads what the stage before it wrote and writes its own outputs (paths in `pipeline.Layout`).
+that reads what the stage before it wrote and writes its own outputs (paths in `pipeline_layout.Layout`).
 
 - data: the synthetic task's files and a random tiny model;
 - sft: `run_sft` on the demonstrations (settings `offline.sft`);
@@ -17,19 +17,11 @@ from typing import Any
 import numpy as np
 import ray
 
+from actors.placement import role_options
 from rlhf_ray.config import RLHFConfig
-from rlhf_ray.trainer.pipeline import Layout
+from rlhf_ray.trainer.pipeline_layout import Layout
 
 log = logging.getLogger(__name__)
-
-
-def role_options(cfg: RLHFConfig, role: str) -> dict[str, Any]:
-    """Ray `.options()` of one actor with the resources of `placement.<role>`."""
-    res = getattr(cfg.placement, role)
-    opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
-    if res.resources:
-        opts["resources"] = dict(res.resources)
-    return opts
 
 
 def data_stage(cfg: RLHFConfig, lay: Layout) -> dict[str, Any]:
@@ -75,7 +67,7 @@ def preferences_stage(cfg: RLHFConfig, lay: Layout) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model.policy_path, cfg.data.chat_template)
     texts, ids, _ = encode_prompts(texts, tokenizer, cfg.data, what="preference prompt")
     kept = [i for i, x in enumerate(ids) if x is not None]
-    engine = RolloutEngine.options(**role_options(cfg, "rollout")).remote(cfg)
+    engine = RolloutEngine.options(**role_options(cfg.placement.rollout)).remote(cfg)
     try:
         batch = ray.get(
             engine.generate.remote([ids[i] for i in kept], 2, seed=cfg.run.seed * 7919 + 3),

@@ -1,9 +1,11 @@
 """The RL stage (stage 4): the driver loop that moves object references between the role actors.
 
 Each step: prompts -> rollout engines generate -> reference log-probs, reward scores, policy log-probs
-(and critic values) in parallel from the same rollout ref -> advantages (a Ray task running
-`rlhf_ray.experience`) -> PPO epochs on the policy (and critic) ranks -> weight sync to the engines ->
-metrics, checkpoint, evaluation. The driver holds references and small dicts of floats, never batches.
+(and critic values) in parallel from the same rollout ref -> advantages (`rlhf_ray.experience`, on the
+glue worker) -> PPO epochs on the policy (and critic) ranks -> weight sync to the engines -> metrics,
+checkpoint, evaluation. The driver holds references and small dicts of floats, never batches.
+
+Runs on the driver.
 """
 
 from __future__ import annotations
@@ -18,26 +20,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 import yaml
 
+from actors import role_id
+from actors.glue import glue, reset_glue
+from actors.role_id import RoleKind
+from actors.worker_group import combine_rank_stats
 from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController
 from rlhf_ray.checkpoint import CheckpointManager, writable_dir
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.data import DataError, PromptSource, load_records
-from rlhf_ray.experience import RewardNormalizer
+from rlhf_ray.experience import OldLogprobs, RewardNormalizer, old_logprobs_source
 from rlhf_ray.metrics import MetricsLogger, plain, plot_metrics
 from rlhf_ray.models import load_tokenizer
+from rlhf_ray.trainer.evaluation import held_out_prompts, sample_held_out
 from rlhf_ray.trainer.offline import require_model_dir
 from rlhf_ray.trainer.recovery import RecoveryError, RecoveryMixin, RolledBack, drop_rows_after
 from rlhf_ray.trainer.roles import Roles, start_roles, wait_for
-from rlhf_ray.trainer.tasks import glue, reset_glue
 from rlhf_ray.trainer.weight_sync import make_weight_sync
 
 __all__ = ["DriverState", "PPOTrainer", "RecoveryError", "check_inputs", "run_ppo"]
 log = logging.getLogger(__name__)
 STATE_FILE = "driver_state.json"
+# the metric `time/<name>` of each scoring role: seconds from the rollout until its answer was ready
+SCORE_TIMES = {
+    RoleKind.REFERENCE: "reference",
+    RoleKind.REWARD: "reward",
+    RoleKind.POLICY: "logprobs",
+    RoleKind.CRITIC: "critic",
+}
 
 
 @dataclass
@@ -71,11 +83,6 @@ def kl_controller(cfg: RLHFConfig) -> FixedKLController | AdaptiveKLController:
     return FixedKLController(a.kl_coef)
 
 
-def mean_dicts(dicts: list[dict[str, float]], prefix: str) -> dict[str, float]:
-    keys = {k for d in dicts for k in d}
-    return {f"{prefix}{k}": float(np.mean([d[k] for d in dicts if k in d])) for k in sorted(keys)}
-
-
 class PPOTrainer(RecoveryMixin):
     """One RL run. `fit()` trains for `run.total_steps` steps and returns the final summary."""
 
@@ -91,11 +98,7 @@ class PPOTrainer(RecoveryMixin):
         self.prompts = PromptSource(records, tokenizer, cfg.data, seed=cfg.run.seed)
         self.eval_prompts = None
         if cfg.data.eval_path and cfg.run.eval_prompts:
-            eval_records = load_records(cfg.data.eval_path, [cfg.data.prompt_field])
-            eval_source = PromptSource(eval_records, tokenizer, cfg.data, seed=cfg.run.seed, shuffle=False)
-            self.eval_prompts = [
-                ids for _, ids in eval_source.next(min(cfg.run.eval_prompts, len(eval_source)))
-            ]
+            self.eval_prompts = held_out_prompts(cfg, cfg.run.eval_prompts)
         self.ckpt = CheckpointManager(
             ckpt_dir, cfg.checkpoint.keep_last, cfg.hash(), identity=cfg.checkpoint_identity()
         )
@@ -258,28 +261,30 @@ class PPOTrainer(RecoveryMixin):
         ]
         # One engine: its batch as it is (a glue task costs a worker round trip per step).
         rollout = parts[0] if len(parts) == 1 else glue().concat.remote(*parts)
-        wait_for({"rollout engines": rollout}, timeout, fetch=False)
+        wait_for({role_id.ROLLOUT_ENGINES: rollout}, timeout, fetch=False)
         times["time/generate"] = time.perf_counter() - t0
 
         t = time.perf_counter()
         scoring = {
-            "reference model": roles.reference.logprobs.remote(rollout),
-            "reward model": roles.reward.score.remote(rollout),
+            role_id.REFERENCE: roles.reference.logprobs.remote(rollout),
+            role_id.REWARD: roles.reward.score.remote(rollout),
         }
-        if not cfg.reuses_training_logprobs():  # else the update's own forward gives the old log-probs
-            scoring["policy trainer"] = roles.policy.compute_logprobs(rollout)
+        if old_logprobs_source(cfg) is OldLogprobs.SCORED:  # else the update's own forward gives them
+            scoring[role_id.POLICY] = roles.policy.compute_logprobs(rollout)
         if roles.critic is not None:
-            scoring["critic trainer"] = roles.critic.compute_values(rollout)
-        times |= self._wait_timed(scoring, t, timeout)
+            scoring[role_id.CRITIC] = roles.critic.compute_values(rollout)
+        ready_after: dict[Any, float] = {}
+        wait_for(scoring, timeout, fetch=False, ready_after=ready_after)
+        times |= {f"time/{SCORE_TIMES[role.kind]}": s for role, s in ready_after.items()}
         times["time/score"] = time.perf_counter() - t
 
         t = time.perf_counter()
         batch, stats_ref, norm_ref = glue().experience.remote(
             rollout,
-            scoring.get("policy trainer"),
-            scoring["reference model"],
-            scoring["reward model"],
-            scoring.get("critic trainer"),
+            scoring.get(role_id.POLICY),
+            scoring[role_id.REFERENCE],
+            scoring[role_id.REWARD],
+            scoring.get(role_id.CRITIC),
             cfg.algorithm,
             kl_coef,
             self.group,
@@ -291,43 +296,22 @@ class PPOTrainer(RecoveryMixin):
         return batch, exp_stats, times
 
     def update(self, batch: Any, kl_coef: float) -> tuple[dict[str, float], float]:
-        """PPO epochs on the policy (and critic) ranks; their mean stats and the seconds it took."""
+        """PPO epochs on the policy (and critic) ranks; their combined stats and the seconds it took."""
         roles, t = self.roles, time.perf_counter()
-        train = {f"policy rank {i}": r for i, r in enumerate(roles.policy.train(batch, kl_coef))}
+        train = {role_id.rank(role_id.POLICY, i): r for i, r in enumerate(roles.policy.train(batch, kl_coef))}
         if roles.critic is not None:
-            train |= {f"critic rank {i}": r for i, r in enumerate(roles.critic.train(batch))}
+            train |= {role_id.rank(role_id.CRITIC, i): r for i, r in enumerate(roles.critic.train(batch))}
         results = wait_for(train, self.cfg.run.call_timeout_s)
-        policy_stats = mean_dicts([v for k, v in results.items() if k.startswith("policy")], "policy/")
-        critic_stats = mean_dicts([v for k, v in results.items() if k.startswith("critic")], "critic/")
-        return policy_stats | critic_stats, time.perf_counter() - t
-
-    def _wait_timed(self, named: dict[str, Any], start: float, timeout: float) -> dict[str, float]:
-        """Wait for refs started together; each role's time is when its result became ready."""
-        names = {ref: name for name, ref in named.items()}
-        pending, done = list(named.values()), {}
-        while pending:
-            ready, pending = ray.wait(
-                pending,
-                num_returns=1,
-                timeout=max(timeout - (time.perf_counter() - start), 0),
-                fetch_local=False,
-            )
-            if not ready:
-                wait_for({names[r]: r for r in pending}, 0.001, fetch=False)  # raises, naming the late roles
-            done[names[ready[0]]] = time.perf_counter() - start
-        key = {
-            "reference model": "reference",
-            "reward model": "reward",
-            "policy trainer": "logprobs",
-            "critic trainer": "critic",
-        }
-        return {f"time/{key[n]}": v for n, v in done.items()}
+        stats = {}
+        for kind in (RoleKind.POLICY, RoleKind.CRITIC):
+            ranks = [v for k, v in results.items() if k.kind is kind]
+            stats |= {f"{kind.value}/{k}": v for k, v in combine_rank_stats(ranks).items()}
+        return stats, time.perf_counter() - t
 
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         cfg, roles = self.cfg, self.roles
-        engine = roles.engines[0]
-        batch = engine.generate.remote(self.eval_prompts, 1, greedy=cfg.run.eval_greedy, seed=cfg.run.seed)
+        batch = sample_held_out(roles.engines[0], self.eval_prompts, cfg, greedy=cfg.run.eval_greedy)
         scores = roles.reward.score.remote(batch)
         result = glue().eval_scores.remote(cfg.run.eval_function or "", batch, scores)
         return wait_for({"evaluation": result}, cfg.run.call_timeout_s)["evaluation"]

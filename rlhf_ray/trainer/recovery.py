@@ -26,9 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from actors.glue import reset_glue
+from actors.role_id import RoleId
 from rlhf_ray.metrics import MetricsLogger
 from rlhf_ray.trainer.roles import RECOVERABLE, RoleUnplaceable, probe, restart
-from rlhf_ray.trainer.tasks import reset_glue
 from rlhf_ray.trainer.weight_sync import make_weight_sync
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class RecoveryMixin:
                 "%s failed: %s; not answering: %s; recovering (%d of run.max_restarts=%d)",
                 self._where(phase),
                 what.splitlines()[0],
-                ", ".join(bad) or "none",
+                ", ".join(map(str, bad)) or "none",
                 self.restarts,
                 cfg.run.max_restarts,
             )
@@ -88,7 +89,7 @@ class RecoveryMixin:
                 if bad:
                     restart(self.roles, bad)
                     self.sync = make_weight_sync(cfg, self.roles)
-                rollback = rollback or "policy" in bad or "critic" in bad
+                rollback = rollback or any(role.kind.is_trainer for role in bad)
                 if rollback:
                     self._rollback(fresh=bad)
                 else:
@@ -118,15 +119,15 @@ class RecoveryMixin:
             f"(checkpoint.resume=true)"
         )
 
-    def _give_up_message(self, phase: str, what: str, bad: list[str]) -> str:
+    def _give_up_message(self, phase: str, what: str, bad: list[RoleId]) -> str:
         return (
             f"the RL run gave up at {self._where(phase)} after {self.restarts - 1} recoveries "
-            f"(run.max_restarts={self.cfg.run.max_restarts}); dead or not answering: {', '.join(bad) or 'none'}; "
+            f"(run.max_restarts={self.cfg.run.max_restarts}); dead or not answering: {', '.join(map(str, bad)) or 'none'}; "
             f"last failure: {what}. {self._resume_hint()}. If the same role keeps failing, read its actor log; "
             f"raise run.max_restarts to tolerate more failures"
         )
 
-    def _rollback(self, fresh: list[str]) -> None:
+    def _rollback(self, fresh: list[RoleId]) -> None:
         """Back to the last complete checkpoint (or to the start when there is none): trainers' weights
         and optimiser state, data position, KL controller, reward normaliser; metrics rows of the steps
         undone are dropped, so every step appears once in metrics.jsonl."""
@@ -135,7 +136,7 @@ class RecoveryMixin:
         if latest is not None:
             self.restore(latest)
         else:
-            trained = [n for n in ("policy", "critic") if n in self.roles.names() and n not in fresh]
+            trained = [r for r in self.roles.ids() if r.kind.is_trainer and r not in fresh]
             if trained:  # no checkpoint: surviving trainers hold updated weights; start them afresh
                 restart(self.roles, trained)
                 self.sync = make_weight_sync(cfg, self.roles)

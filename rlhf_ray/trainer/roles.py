@@ -14,18 +14,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.exceptions import ObjectLostError, RayActorError
 from ray.util.placement_group import placement_group_table
 
+from actors import role_id
 from actors.critic_trainer import CriticTrainer
-from actors.placement import RolePlan, plan_placement
+from actors.deadline import DeadlinePassed, as_ready
+from actors.placement import RolePlan, needs_critic, plan_placement
 from actors.policy_trainer import PolicyTrainer
 from actors.reference import ReferenceModel
 from actors.reward import RewardModel
+from actors.role_id import RoleId, RoleKind
 from actors.rollout import RolloutEngine
 from actors.worker_group import WorkerGroupError
 from rlhf_ray.config import RLHFConfig
@@ -54,6 +58,8 @@ RECOVERABLE = (RoleTimeout, RoleDied, RayActorError, ObjectLostError, WorkerGrou
 
 @dataclass
 class Roles:
+    """The live actors of one RL run and the placement they were started on."""
+
     cfg: RLHFConfig
     plan: RolePlan
     policy: PolicyTrainer
@@ -61,16 +67,18 @@ class Roles:
     engines: list[Any]
     reference: Any
     reward: Any
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    def names(self) -> list[str]:
-        """Every restartable role: 'policy', 'critic', 'rollout engine <i>', 'reference model', 'reward model'."""
-        out = ["policy"] + (["critic"] if self.critic is not None else [])
-        return (
-            out
-            + [f"rollout engine {i}" for i in range(len(self.engines))]
-            + ["reference model", "reward model"]
-        )
+    def ids(self) -> list[RoleId]:
+        """Every restartable role: the policy, the critic (GAE only), each engine, reference, reward."""
+        trainers = [role_id.POLICY] + ([role_id.CRITIC] if self.critic is not None else [])
+        engines = [role_id.engine(i) for i in range(len(self.engines))]
+        return [*trainers, *engines, role_id.REFERENCE, role_id.REWARD]
+
+    def actor(self, role: RoleId) -> Any:
+        """The actor handle of a single-actor role (an engine, the reference, the reward)."""
+        if role.kind is RoleKind.ROLLOUT:
+            return self.engines[role.index]
+        return {RoleKind.REFERENCE: self.reference, RoleKind.REWARD: self.reward}[role.kind]
 
     def shutdown(self) -> None:
         for handle in (*self.engines, self.reference, self.reward):
@@ -86,23 +94,29 @@ def _kill(handle: Any) -> None:
         ray.kill(handle, no_restart=True)
 
 
-def needs_critic(cfg: RLHFConfig) -> bool:
-    return cfg.algorithm.estimator == "gae"
+def _start_actor(cfg: RLHFConfig, plan: RolePlan, role: RoleId) -> Any:
+    """A fresh actor of a single-actor role on its bundle of the plan."""
+    (options,) = plan.options_of(role)
+    if role.kind is RoleKind.ROLLOUT:
+        return RolloutEngine.options(**options).remote(cfg, rank=role.index)
+    cls = {RoleKind.REFERENCE: ReferenceModel, RoleKind.REWARD: RewardModel}[role.kind]
+    return cls.options(**options).remote(cfg)
+
+
+def _start_trainer(cfg: RLHFConfig, plan: RolePlan, role: RoleId) -> PolicyTrainer | CriticTrainer:
+    cls = PolicyTrainer if role.kind is RoleKind.POLICY else CriticTrainer
+    return cls(cfg, options_per_rank=plan.options_of(role), init_timeout=cfg.run.call_timeout_s)
 
 
 def start_roles(cfg: RLHFConfig) -> Roles:
     timeout = cfg.run.call_timeout_s
-    plan = plan_placement(cfg, needs_critic(cfg), timeout_s=timeout)
-    engines = [_start_engine(cfg, plan, i) for i in range(len(plan.rollout))]
-    reference = ReferenceModel.options(**plan.reference).remote(cfg)
-    reward = RewardModel.options(**plan.reward).remote(cfg)
+    plan = plan_placement(cfg, timeout_s=timeout)
+    engines = [_start_actor(cfg, plan, role_id.engine(i)) for i in range(len(plan.rollout))]
+    reference = _start_actor(cfg, plan, role_id.REFERENCE)
+    reward = _start_actor(cfg, plan, role_id.REWARD)
     try:
-        policy = PolicyTrainer(cfg, options_per_rank=plan.policy, init_timeout=timeout)
-        critic = (
-            CriticTrainer(cfg, options_per_rank=plan.critic, init_timeout=timeout)
-            if needs_critic(cfg)
-            else None
-        )
+        policy = _start_trainer(cfg, plan, role_id.POLICY)
+        critic = _start_trainer(cfg, plan, role_id.CRITIC) if needs_critic(cfg) else None
     except BaseException:
         for handle in (*engines, reference, reward):
             _kill(handle)
@@ -111,48 +125,47 @@ def start_roles(cfg: RLHFConfig) -> Roles:
     roles = Roles(cfg, plan, policy, critic, engines, reference, reward)
     # Every actor answers once before the first step, so a role that cannot start fails here by name.
     try:
-        wait_for(
-            {f"rollout engine {i}": e.ping.remote() for i, e in enumerate(engines)}
-            | {"reference model": reference.ping.remote(), "reward model": reward.ping.remote()},
-            timeout,
-        )
+        single = [r for r in roles.ids() if not r.kind.is_trainer]
+        wait_for({r: roles.actor(r).ping.remote() for r in single}, timeout)
     except BaseException:
         roles.shutdown()
         raise
     return roles
 
 
-def _start_engine(cfg: RLHFConfig, plan: RolePlan, i: int) -> Any:
-    return RolloutEngine.options(**plan.rollout[i]).remote(cfg, rank=i)
-
-
 # ---- waiting --------------------------------------------------------------------------------------------
-def wait_for(named_refs: dict[str, Any], timeout_s: float, fetch: bool = True) -> dict[str, Any]:
-    """`ray.get` of several refs with one deadline; on timeout, name the roles that did not answer.
+def wait_for(
+    named_refs: dict[Any, Any],
+    timeout_s: float,
+    fetch: bool = True,
+    ready_after: dict[Any, float] | None = None,
+) -> dict[Any, Any]:
+    """`ray.get` of several refs with one deadline; on timeout, name the roles that did not answer. Keys
+    are `RoleId`s (or other names: their `str()` is what a message says).
     With `fetch=True` the first role that fails stops the wait at once (its peers may be blocked in a
     collective forever): a dead actor becomes `RoleDied` naming the role, other errors pass through.
-    With `fetch=False` only wait until they are ready (for batches, which the driver must not pull)."""
+    With `fetch=False` only wait until they are ready (for batches, which the driver must not pull).
+    `ready_after`, when given, gets the seconds from the call until each key's ref was ready."""
     names = {ref: name for name, ref in named_refs.items()}
-    deadline = time.monotonic() + timeout_s
-    pending, results = list(names), {}
-    while pending:
-        ready, pending = ray.wait(
-            pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0), fetch_local=fetch
-        )
-        if not ready:
-            late = [names[r] for r in pending]
-            raise RoleTimeout(
-                f"no answer within {timeout_s:.0f} s from: {', '.join(late)}. The actor may be hung or starved "
-                f"of resources; check `ray status` and the actor logs, or raise run.call_timeout_s"
-            )
-        if fetch:
-            results[names[ready[0]]] = get_named(names[ready[0]], ready[0])
+    start, results = time.perf_counter(), {}
+    try:
+        for ref in as_ready(names, timeout_s, fetch=fetch):
+            if ready_after is not None:
+                ready_after[names[ref]] = time.perf_counter() - start
+            if fetch:
+                results[names[ref]] = get_named(names[ref], ref)
+    except DeadlinePassed as late:
+        raise RoleTimeout(
+            f"no answer within {timeout_s:.0f} s from: {', '.join(str(names[r]) for r in late.pending)}. "
+            f"The actor may be hung or starved of resources; check `ray status` and the actor logs, or "
+            f"raise run.call_timeout_s"
+        ) from None
     if not fetch:
         return dict(named_refs)
     return {name: results[name] for name in named_refs}
 
 
-def get_named(name: str, ref: Any) -> Any:
+def get_named(name: Hashable, ref: Any) -> Any:
     """`ray.get(ref)` of a ready ref; a dead actor (anywhere upstream) becomes `RoleDied` naming `name`."""
     try:
         return ray.get(ref)
@@ -165,85 +178,68 @@ def get_named(name: str, ref: Any) -> Any:
 
 
 # ---- finding and replacing dead or hung roles --------------------------------------------------------
-def probe(roles: Roles, timeout_s: float) -> list[str]:
-    """The roles (names as in `Roles.names`) that are dead or do not answer a ping within `timeout_s`.
+def probe(roles: Roles, timeout_s: float) -> list[RoleId]:
+    """The roles that are dead or do not answer a ping within `timeout_s`, in `Roles.ids` order.
     A worker group counts as one role: one bad rank makes the group bad (its peers may be stuck in a
     collective with it), and the wait stops as soon as every role is decided."""
-    calls: dict[Any, str] = {}
-    groups = {"policy": roles.policy} | ({"critic": roles.critic} if roles.critic is not None else {})
-    for name, handle in groups.items():
-        if handle.group.actors:  # a killed group has nothing to ping: it is bad (below)
-            calls |= {ref: name for ref in handle.group.call("ping")}
-    for i, engine in enumerate(roles.engines):
-        calls[engine.ping.remote()] = f"rollout engine {i}"
-    calls[roles.reference.ping.remote()] = "reference model"
-    calls[roles.reward.ping.remote()] = "reward model"
-    bad = {name for name, h in groups.items() if not h.group.actors}
-    expected = {name: sum(1 for n in calls.values() if n == name) for name in set(calls.values())}
-    answered: dict[str, int] = {}
-    deadline = time.monotonic() + timeout_s
-    pending = [r for r, n in calls.items() if n not in bad]
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
-        if not ready:
-            break
-        name = calls[ready[0]]
-        try:
-            ray.get(ready[0])
-            answered[name] = answered.get(name, 0) + 1
-        except Exception:  # any failure to answer a ping means the role is unusable
-            bad.add(name)
-        pending = [r for r in pending if calls[r] not in bad]
-    bad |= {name for name, n in expected.items() if answered.get(name, 0) < n}
-    return [n for n in roles.names() if n in bad]
+    calls: dict[Any, RoleId] = {}
+    bad: set[RoleId] = set()
+    for role in roles.ids():
+        if role.kind.is_trainer:
+            group = (roles.policy if role.kind is RoleKind.POLICY else roles.critic).group
+            if not group.actors:  # a killed group has nothing to ping: it is bad
+                bad.add(role)
+            calls |= {ref: role for ref in (group.call("ping") if group.actors else [])}
+        else:
+            calls[roles.actor(role).ping.remote()] = role
+    expected = {role: list(calls.values()).count(role) for role in set(calls.values())}
+    answered: dict[RoleId, int] = {}
+    try:
+        for ref in as_ready(calls, timeout_s, keep=lambda r: calls[r] not in bad):
+            try:
+                ray.get(ref)
+                answered[calls[ref]] = answered.get(calls[ref], 0) + 1
+            except Exception:  # any failure to answer a ping means the role is unusable
+                bad.add(calls[ref])
+    except DeadlinePassed:
+        pass  # whoever did not answer in time is bad (below)
+    bad |= {role for role, n in expected.items() if answered.get(role, 0) < n}
+    return [r for r in roles.ids() if r in bad]
 
 
-def restart(roles: Roles, names: list[str]) -> None:
-    """Kill the named roles (a hung actor too) and start fresh ones on the same placement-group bundles,
+def restart(roles: Roles, ids: list[RoleId]) -> None:
+    """Kill the given roles (a hung actor too) and start fresh ones on the same placement-group bundles,
     in place in `roles`. Trainer groups restart from their initial weights: restore a checkpoint after."""
-    cfg, plan, timeout = roles.cfg, roles.plan, roles.cfg.run.call_timeout_s
-    for name in names:
-        if name not in roles.names():
-            raise ValueError(f"restart: unknown role {name!r} (known: {', '.join(roles.names())})")
+    cfg, plan = roles.cfg, roles.plan
+    for role in ids:
+        if role not in roles.ids():
+            raise ValueError(f"restart: unknown role {role} (known: {', '.join(map(str, roles.ids()))})")
     # An actor on a bundle without a node would wait, unnamed, until its creation timed out: wait for the
     # bundles first (bounded), so that a lost node that never comes back is reported as what it is.
-    wait_for_bundles(plan, names, cfg.run.restart_timeout_s)
-    pings: dict[str, Any] = {}
-    for name in names:
-        if name.startswith("rollout engine "):
-            i = int(name.rsplit(" ", 1)[1])
-            _kill(roles.engines[i])
-            roles.engines[i] = _start_engine(cfg, plan, i)
-            pings[name] = roles.engines[i].ping.remote()
-        elif name == "reference model":
-            _kill(roles.reference)
-            roles.reference = ReferenceModel.options(**plan.reference).remote(cfg)
-            pings[name] = roles.reference.ping.remote()
-        elif name == "reward model":
-            _kill(roles.reward)
-            roles.reward = RewardModel.options(**plan.reward).remote(cfg)
-            pings[name] = roles.reward.ping.remote()
-        elif name == "policy":
+    wait_for_bundles(plan, ids, cfg.run.restart_timeout_s)
+    pings: dict[RoleId, Any] = {}
+    for role in ids:
+        if role.kind is RoleKind.POLICY:
             roles.policy.kill()
-            roles.policy = PolicyTrainer(cfg, options_per_rank=plan.policy, init_timeout=timeout)
-        elif name == "critic" and roles.critic is not None:
+            roles.policy = _start_trainer(cfg, plan, role)
+        elif role.kind is RoleKind.CRITIC:
             roles.critic.kill()
-            roles.critic = CriticTrainer(cfg, options_per_rank=plan.critic, init_timeout=timeout)
-    wait_for(pings, timeout)
-    log.warning("restarted: %s", ", ".join(names))
+            roles.critic = _start_trainer(cfg, plan, role)
+        else:
+            _kill(roles.actor(role))
+            fresh = _start_actor(cfg, plan, role)
+            if role.kind is RoleKind.ROLLOUT:
+                roles.engines[role.index] = fresh
+            elif role.kind is RoleKind.REFERENCE:
+                roles.reference = fresh
+            else:
+                roles.reward = fresh
+            pings[role] = fresh.ping.remote()
+    wait_for(pings, cfg.run.call_timeout_s)
+    log.warning("restarted: %s", ", ".join(map(str, ids)))
 
 
 # ---- waiting for lost bundles ----------------------------------------------------------------------------
-def role_bundles(plan: RolePlan, name: str) -> list[int]:
-    """The placement-group bundle indices the actors of role `name` (as in `Roles.names`) run on."""
-    if name.startswith("rollout engine "):
-        options = [plan.rollout[int(name.rsplit(" ", 1)[1])]]
-    else:
-        by_name = {"reference model": [plan.reference], "reward model": [plan.reward]}
-        options = by_name.get(name) or {"policy": plan.policy, "critic": plan.critic}[name]
-    return [o["scheduling_strategy"].placement_group_bundle_index for o in options]
-
-
 def unplaced_bundles(plan: RolePlan) -> set[int]:
     """Bundles of the plan's placement group that have no live node now (theirs was lost; Ray places
     them again when a node with their resources joins)."""
@@ -256,7 +252,7 @@ def unplaced_bundles(plan: RolePlan) -> set[int]:
     return {int(i) for i, node in table.get("bundles_to_node_id", {}).items() if node not in alive}
 
 
-def wait_for_bundles(plan: RolePlan, names: list[str], timeout_s: float, poll_s: float = 0.5) -> None:
+def wait_for_bundles(plan: RolePlan, ids: list[RoleId], timeout_s: float, poll_s: float = 0.5) -> None:
     """Wait until every bundle of the named roles is on a live node again; past `timeout_s` raise
     `RoleUnplaceable` naming each waiting role, the resources its bundles ask for, the total missing
     and what the cluster has free, and the ways out."""
@@ -264,8 +260,8 @@ def wait_for_bundles(plan: RolePlan, names: list[str], timeout_s: float, poll_s:
     start, waited = time.monotonic(), False
     while True:
         lost = unplaced_bundles(plan)
-        waiting = {n: [b for b in role_bundles(plan, n) if b in lost] for n in names}
-        waiting = {n: b for n, b in waiting.items() if b}
+        waiting = {r: [b for b in plan.bundles_of(r) if b in lost] for r in ids}
+        waiting = {r: b for r, b in waiting.items() if b}
         if not waiting:
             if waited:
                 log.warning(
@@ -276,7 +272,7 @@ def wait_for_bundles(plan: RolePlan, names: list[str], timeout_s: float, poll_s:
             log.warning(
                 "placement: waiting up to %.0f s (run.restart_timeout_s) for a node to host: %s",
                 timeout_s,
-                ", ".join(waiting),
+                ", ".join(map(str, waiting)),
             )
             waited = True
         if time.monotonic() >= deadline:
@@ -284,7 +280,7 @@ def wait_for_bundles(plan: RolePlan, names: list[str], timeout_s: float, poll_s:
         time.sleep(poll_s)
 
 
-def _unplaceable_message(plan: RolePlan, waiting: dict[str, list[int]], timeout_s: float) -> str:
+def _unplaceable_message(plan: RolePlan, waiting: dict[RoleId, list[int]], timeout_s: float) -> str:
     specs = plan.placement_group.bundle_specs
     need: dict[str, float] = {}
     for b in {b for bundles in waiting.values() for b in bundles}:  # colocated roles share a bundle
@@ -296,7 +292,7 @@ def _unplaceable_message(plan: RolePlan, waiting: dict[str, list[int]], timeout_
         for name, b in waiting.items()
     )
     return (
-        f"could not restart {', '.join(waiting)}: their node is gone and no live node offered their resources "
+        f"could not restart {', '.join(map(str, waiting))}: their node is gone and no live node offered their resources "
         f"within {timeout_s:.0f} s (run.restart_timeout_s). Waiting: {per_role}. Missing in total: "
         f"{_fmt([need])}; free in the cluster now: {_fmt([{k: free.get(k, 0.0) for k in need}])}. Add a node "
         f"with these resources, lower the placement.<role> resources (num_cpus, num_gpus, resources) of these "

@@ -25,7 +25,6 @@ from actors.placement import layout
 from rlhf_ray.config import ConfigError, RLHFConfig
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.trainer.ppo import PPOTrainer
-from rlhf_ray.trainer.roles import needs_critic
 from rlhf_ray.tune import SweepConfig, best_row, summarise_trial, write_results
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ PATH_KEYS = [
 def trial_resources(cfg: RLHFConfig, driver_cpus: float = 1.0) -> tune.PlacementGroupFactory:
     """The trial's placement group: bundle 0 for the trial's driver (the RL loop), then exactly the roles'
     bundles of `actors.placement.layout`, which `plan_placement` finds there and fills."""
-    bundles, _ = layout(cfg, needs_critic(cfg))
+    bundles, _ = layout(cfg)
     return tune.PlacementGroupFactory([{"CPU": driver_cpus}, *bundles], strategy=cfg.placement.strategy)
 
 

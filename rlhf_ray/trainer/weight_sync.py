@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from actors import role_id
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.trainer.roles import Roles, wait_for
 
@@ -18,12 +19,9 @@ class ObjectStoreSync:
 
     def sync(self) -> None:
         refs = self.roles.policy.export_weights(self.timeout)  # [ref] of rank 0's numpy dict, not fetched
+        engines = enumerate(self.roles.engines)
         wait_for(
-            {
-                f"rollout engine {i}": e.update_weights_from_store.remote(refs)
-                for i, e in enumerate(self.roles.engines)
-            },
-            self.timeout,
+            {role_id.engine(i): e.update_weights_from_store.remote(refs) for i, e in engines}, self.timeout
         )
         del refs  # the last reference to the weights: the store frees them now
 
@@ -35,17 +33,16 @@ class BroadcastSync:
         addr, port = roles.policy.open_broadcast(world, timeout_s)
         manifest = roles.policy.weight_manifest(timeout_s)
         joins = {
-            f"rollout engine {i}": e.open_broadcast.remote(addr, port, i + 1, world, manifest)
+            role_id.engine(i): e.open_broadcast.remote(addr, port, i + 1, world, manifest)
             for i, e in enumerate(roles.engines)
         }
-        joins["policy trainer (connect)"] = roles.policy.connect_broadcast()
+        joins[role_id.rank(role_id.POLICY, 0)] = roles.policy.connect_broadcast()
         wait_for(joins, timeout_s)
 
     def sync(self) -> None:
-        calls = {
-            f"rollout engine {i}": e.receive_broadcast.remote() for i, e in enumerate(self.roles.engines)
-        }
-        calls |= {f"policy rank {i}": r for i, r in enumerate(self.roles.policy.broadcast_weights())}
+        calls = {role_id.engine(i): e.receive_broadcast.remote() for i, e in enumerate(self.roles.engines)}
+        sends = self.roles.policy.broadcast_weights()
+        calls |= {role_id.rank(role_id.POLICY, i): r for i, r in enumerate(sends)}
         wait_for(calls, self.timeout)
 
 
