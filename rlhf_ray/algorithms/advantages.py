@@ -17,7 +17,7 @@ def _check_groups(scores: Tensor, group_size: int, estimator: str) -> Tensor:
     if group_size < 2:
         raise ValueError(
             f"group_size={group_size}: estimator {estimator!r} compares samples of one prompt, so it needs "
-            f"at least 2 (set algorithm.samples_per_prompt=4, or use estimator 'gae')"
+            f"at least 2 (set rollout.samples_per_prompt=4, or use estimator 'gae')"
         )
     if scores.dim() != 1 or scores.numel() % group_size != 0:
         raise ValueError(
