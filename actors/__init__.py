@@ -1,1 +1,2 @@
-"""The Ray actors of the RL stage: thin shells that put `rlhf_ray` library code on cluster resources."""
+"""The Ray actors: thin shells that put `rlhf_ray` library code on cluster resources (the RL roles, the
+offline stages' trainer ranks, the glue worker), with what the driver needs to place, name and wait on them."""

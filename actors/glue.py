@@ -68,6 +68,7 @@ def eval_scores(function: str, batch: Batch, scores: Batch) -> dict[str, float]:
     return out
 
 
+# ---- runs in the glue worker's process ---------------------------------------------------------------------
 @ray.remote(num_cpus=0)
 class GlueWorker:
     """The actor the functions above run on (arguments that are refs are resolved by Ray)."""
@@ -92,6 +93,7 @@ class GlueWorker:
         return True
 
 
+# ---- runs on the driver ------------------------------------------------------------------------------------
 _glue: tuple[tuple[str, str], Any] | None = None  # ((Ray session, job), handle)
 
 

@@ -18,6 +18,7 @@ from rlhf_ray.experience import OldLogprobs, old_logprobs_of
 from rlhf_ray.models import load_causal_lm, response_start, sequence_logprobs
 
 
+# ---- runs in each rank (one Ray actor process per rank) ----------------------------------------------------
 class PolicyRank(DeepSpeedRank):
     """One rank of the policy (made a Ray actor by `WorkerGroup`)."""
 
@@ -93,7 +94,9 @@ class PolicyRank(DeepSpeedRank):
                     loss = loss + kl_coef * weights("token-mean") * kl
             stats = {"policy_loss": stats.pop("pg_loss"), **stats}
             stats.update(entropy=entropy_mean.item(), kl_loss=kl.item())
-            if source is OldLogprobs.FROM_UPDATE and "rollout_logprobs" in part:  # no scoring pass compared them
+            if (
+                source is OldLogprobs.FROM_UPDATE and "rollout_logprobs" in part
+            ):  # no scoring pass compared them
                 gap = (part["rollout_logprobs"] - logprobs.detach()).abs()
                 stats["rollout_vs_trainer_logprob_diff"] = masked_mean(gap, mask).item()
             return loss, stats
@@ -101,6 +104,7 @@ class PolicyRank(DeepSpeedRank):
         return self._train(batch, micro_loss)
 
 
+# ---- runs on the driver ------------------------------------------------------------------------------------
 class PolicyTrainer(TrainerHandle):
     """Driver-side handle on the policy's worker group (`cfg.trainer.num_ranks` PolicyRank actors, one
     `.options()` dict per rank from the placement module). Work on the ranks returns refs; the driver

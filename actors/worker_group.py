@@ -8,6 +8,8 @@ per-rank Ray `.options()` (CPUs, GPUs, custom resources, placement-group strateg
 placement module; by default each rank asks for one CPU.
 
 The group moves references only: `call` returns one `ObjectRef` per rank and never waits.
+
+Runs on the driver (the rank classes it starts are in `actors.deepspeed_rank` and the role modules).
 """
 
 from __future__ import annotations

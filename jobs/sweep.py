@@ -15,14 +15,16 @@ import argparse
 import json
 import sys
 
-from jobs.common import init_ray
+from jobs.common import config_epilog, init_ray
 from rlhf_ray.config import ConfigError, RLHFConfig
 from rlhf_ray.runtime import setup_process_env
 from rlhf_ray.tune import SweepConfig, load_sweep_config
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, RLHFConfig, SweepConfig]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", required=True, help="YAML config of one RL run (see jobs/configs/)")
     p.add_argument("--sweep", default=None, help="YAML of the sweep's settings (rlhf_ray.tune.SweepConfig)")
     p.add_argument("--search", choices=["grid", "random"], default=None)

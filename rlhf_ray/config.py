@@ -134,7 +134,8 @@ class AlgorithmConfig:
     # (ppo_epochs=1, mini_batch_size >= the step's batch) and the KL is in the loss, the training forward's
     # own log-probs, detached (the ratio is exactly 1 there, as TRL does at num_iterations=1), and the
     # sampler's log-probs for the KL metric: one policy forward pass fewer per step. recompute: always a
-    # separate forward on the policy ranks before the update.
+    # separate forward on the policy ranks before the update. (Decided by
+    # rlhf_ray.experience.old_logprobs_source; the batch carries the outcome.)
     old_logprobs: Literal["auto", "recompute"] = "auto"
 
     def check(self, prefix: str) -> None:
@@ -434,14 +435,6 @@ class RLHFConfig:
             for section, values in self._essential().items()
             for key, value in values.items()
         }
-
-    def reuses_training_logprobs(self) -> bool:
-        """Whether the PPO ratio's old log-probs are the training forward's own (no separate scoring pass):
-        `algorithm.old_logprobs=auto`, a single optimiser step per batch, and the KL in the loss."""
-        a = self.algorithm
-        batch = self.run.prompts_per_step * self.rollout.samples_per_prompt
-        one_step = a.ppo_epochs == 1 and a.mini_batch_size >= batch
-        return a.old_logprobs == "auto" and one_step and a.kl_in == "loss"
 
     def _essential(self) -> dict[str, dict[str, Any]]:
         essential = {k: v for k, v in self.to_dict().items() if k in ("model", "algorithm", "trainer")}

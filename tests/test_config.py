@@ -29,6 +29,7 @@ from rlhf_ray.config import (
     config_reference,
     field_help,
 )
+from rlhf_ray.experience import OldLogprobs, old_logprobs_source
 
 
 def write(tmp_path, data) -> str:
@@ -183,7 +184,7 @@ def test_old_logprobs_come_from_the_update_only_for_one_on_policy_step(algorithm
             "rollout": {"samples_per_prompt": 4},
         }
     )
-    assert cfg.reuses_training_logprobs() is reuses
+    assert (old_logprobs_source(cfg) is OldLogprobs.FROM_UPDATE) is reuses
 
 
 # ---- each section checks its own values ------------------------------------------------------------

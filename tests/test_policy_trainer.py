@@ -20,7 +20,7 @@ from actors.worker_group import combine_rank_stats
 from rlhf_ray.algorithms import ppo_policy_loss
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
-from rlhf_ray.experience import OldLogprobs, mark_old_logprobs
+from rlhf_ray.experience import OldLogprobs, mark_old_logprobs, old_logprobs_source
 from rlhf_ray.models import load_causal_lm, sequence_logprobs
 from rlhf_ray.weight_sync import BroadcastReceiver, named_weights
 
@@ -265,10 +265,10 @@ def test_micro_batching_does_not_change_the_update(ray_local, tiny_model_dir):
     lr = 1e-4, 2.4e-5 at lr = 1e-3).
 
     A third group gets the batch without old log-probs: one optimiser step on the whole batch takes them
-    from its own forward (`RLHFConfig.reuses_training_logprobs`), and must make the same update."""
+    from its own forward (`rlhf_ray.experience.old_logprobs_source`), and must make the same update."""
     batch = make_batch(seed=3)
     cfgs = [make_cfg(tiny_model_dir, num_ranks=1, micro_batch_size=m, lr=1e-4) for m in (B, B // 4, B)]
-    assert cfgs[2].reuses_training_logprobs()
+    assert old_logprobs_source(cfgs[2]) is OldLogprobs.FROM_UPDATE
     with ThreadPoolExecutor(3) as pool:  # start the groups at once
         trainers = list(pool.map(PolicyTrainer, cfgs))
     try:

@@ -25,7 +25,7 @@ import yaml
 
 from actors import role_id
 from actors.glue import glue, reset_glue
-from actors.role_id import RoleKind
+from actors.role_id import RoleId, RoleKind
 from actors.worker_group import combine_rank_stats
 from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController
 from rlhf_ray.checkpoint import CheckpointManager, writable_dir
@@ -36,8 +36,8 @@ from rlhf_ray.metrics import MetricsLogger, plain, plot_metrics
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.trainer.evaluation import held_out_prompts, sample_held_out
 from rlhf_ray.trainer.offline import require_model_dir
-from rlhf_ray.trainer.recovery import RecoveryError, RecoveryMixin, RolledBack, drop_rows_after
-from rlhf_ray.trainer.roles import Roles, start_roles, wait_for
+from rlhf_ray.trainer.recovery import STEP_PHASES, Recovery, RecoveryError, RolledBack, drop_rows_after
+from rlhf_ray.trainer.roles import Roles, restart, start_roles, wait_for
 from rlhf_ray.trainer.weight_sync import make_weight_sync
 
 __all__ = ["DriverState", "PPOTrainer", "RecoveryError", "check_inputs", "run_ppo"]
@@ -83,7 +83,7 @@ def kl_controller(cfg: RLHFConfig) -> FixedKLController | AdaptiveKLController:
     return FixedKLController(a.kl_coef)
 
 
-class PPOTrainer(RecoveryMixin):
+class PPOTrainer:
     """One RL run. `fit()` trains for `run.total_steps` steps and returns the final summary."""
 
     def __init__(self, cfg: RLHFConfig):
@@ -115,7 +115,8 @@ class PPOTrainer(RecoveryMixin):
         self.last_checkpoint: Path | None = None  # the newest this run wrote or resumed from
         self._initial_data = self.prompts.state_dict()
         self.reset_driver_state()
-        self.restarts = 0  # recoveries so far (bounded by run.max_restarts)
+        # every part of a step runs through it; it may call `resync` and `rewind` (`Recoverable`)
+        self.recovery = Recovery(self)
         self._logger: MetricsLogger | None = None
         self.roles: Roles | None = None
         # the resolved config, loadable again with --config (secrets never enter it: they come from the env)
@@ -167,11 +168,11 @@ class PPOTrainer(RecoveryMixin):
             while True:
                 try:
                     if not evaluated:
-                        self._logger.log(0, self._attempt(self.evaluate, "evaluation"))
+                        self._logger.log(0, self.recovery.attempt(self.evaluate, "evaluation"))
                         evaluated = True
                     while self.step < cfg.run.total_steps:
                         self._one_step(on_step)
-                    self._attempt(
+                    self.recovery.attempt(
                         lambda: self.roles.policy.save_pretrained(str(policy_dir), cfg.run.call_timeout_s),
                         "saving the policy",
                     )
@@ -187,7 +188,7 @@ class PPOTrainer(RecoveryMixin):
             "metrics": str(self._logger.path),
             "plot": str(plot),
             "step": self.step,
-            "restarts": self.restarts,
+            "restarts": self.recovery.restarts,
             "final": {k: plain(v) for k, v in self._last.items()},
         }
 
@@ -198,19 +199,19 @@ class PPOTrainer(RecoveryMixin):
         eval_every = cfg.run.eval_interval
         final = self.step == cfg.run.total_steps
         if self.eval_prompts and ((eval_every and self.step % eval_every == 0) or final):
-            metrics |= self._attempt(self.evaluate, "evaluation")
-        metrics["faults/restarts"] = self.restarts
+            metrics |= self.recovery.attempt(self.evaluate, "evaluation")
+        metrics["faults/restarts"] = self.recovery.restarts
         self._logger.log(self.step, metrics)
         self._last = metrics
         if on_step is not None:
             on_step(self.step, metrics)
         interval = cfg.checkpoint.interval
         if (interval and self.step % interval == 0) or final:
-            self._attempt(self.save_checkpoint, "checkpoint")
+            self.recovery.attempt(self.save_checkpoint, "checkpoint")
 
     # ---- one step -------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
-        """One RL step in three parts, each guarded by `_attempt`: the experience (after a recovery it is
+        """One RL step in three parts, each run through `Recovery.attempt`: the experience (after a recovery it is
         made again from the same prompts and seeds), the update (a failure there rolls back to the last
         checkpoint), the weight sync (made again)."""
         t0 = time.perf_counter()
@@ -220,14 +221,18 @@ class PPOTrainer(RecoveryMixin):
             self.prompts.load_state_dict(data)
             self.normalizer = normalizer
 
-        batch, exp_stats, times = self._attempt(lambda: self.make_experience(kl_coef), "experience", again)
-        train_stats, times["time/train"] = self._attempt(lambda: self.update(batch, kl_coef), "training")
+        batch, exp_stats, times = self.recovery.attempt(
+            lambda: self.make_experience(kl_coef), "experience", again
+        )
+        train_stats, times["time/train"] = self.recovery.attempt(
+            lambda: self.update(batch, kl_coef), "training"
+        )
         # without a scoring pass, the update's own forward compared the sampler's log-probs with the trainer's
         gap = train_stats.pop("policy/rollout_vs_trainer_logprob_diff", None)
         if gap is not None:
             exp_stats["rollout_vs_trainer_logprob_diff"] = gap
         t = time.perf_counter()
-        self._attempt(lambda: self.sync.sync(), "weight sync")
+        self.recovery.attempt(lambda: self.sync.sync(), "weight sync")
         times["time/sync"] = time.perf_counter() - t
 
         self.kl_ctl.update(exp_stats["kl"], self.cfg.run.prompts_per_step * self.group)
@@ -307,6 +312,42 @@ class PPOTrainer(RecoveryMixin):
             ranks = [v for k, v in results.items() if k.kind is kind]
             stats |= {f"{kind.value}/{k}": v for k, v in combine_rank_stats(ranks).items()}
         return stats, time.perf_counter() - t
+
+    # ---- what recovery may do to the run (`rlhf_ray.trainer.recovery.Recoverable`) -----------------
+    def resync(self, rebuild: bool) -> None:
+        """The engines get the policy's current weights; `rebuild`: through a new weight sync (actors of
+        the old one were replaced)."""
+        if rebuild:
+            self.sync = make_weight_sync(self.cfg, self.roles)
+        self.sync.sync()
+
+    def rewind(self, fresh: list[RoleId]) -> None:
+        """Back to the last complete checkpoint of this run (or to the start when there is none): trainers'
+        weights and optimiser state, data position, KL controller, reward normaliser; the metrics rows of
+        the undone steps are dropped, so every step appears once in metrics.jsonl."""
+        if fresh:  # restarted roles may be among the weight sync's actors
+            self.sync = make_weight_sync(self.cfg, self.roles)
+        latest = self.last_checkpoint  # this run's own (the directory may hold another run's too)
+        if latest is not None:
+            self.restore(latest)
+        else:
+            trained = [r for r in self.roles.ids() if r.kind.is_trainer and r not in fresh]
+            if trained:  # no checkpoint: surviving trainers hold updated weights; start them afresh
+                restart(self.roles, trained)
+                self.sync = make_weight_sync(self.cfg, self.roles)
+            self.reset_driver_state()
+            self.sync.sync()
+        self._logger.close()
+        drop_rows_after(self._logger.path, self.step)
+        self._logger = MetricsLogger(
+            self.out, self.cfg.logging, self.cfg.run.total_steps, start_step=self.step
+        )
+        log.warning("rolled back to step %d (%s)", self.step, latest or "initial weights")
+
+    def where(self, phase: str) -> str:
+        if phase in STEP_PHASES:
+            return f"step {self.step + 1} ({phase})"
+        return f"{phase} after step {self.step}"
 
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
