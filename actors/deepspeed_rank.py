@@ -1,11 +1,17 @@
-"""One data-parallel rank holding a DeepSpeed engine (ZeRO 0-3): the shared part of the policy and critic
-ranks. Subclasses say which model to load, at which learning rate, and what a micro-batch's loss is.
+"""One data-parallel rank holding a DeepSpeed engine (ZeRO 0-3): the shared part of the trainer ranks (policy
+and critic; `OfflineRank` for the SFT, reward-model and DPO ranks). Subclasses say which model to load, at
+which learning rate, with which `BatchPlan`, and what a micro-batch's loss is.
 
 Batches: every rank receives the SAME batch (one ObjectRef) and takes its own contiguous shard
 (`batch.split(world)[rank]`). Every rank runs the same number of forward/backward passes, even when the
 shards differ in size by one sequence: ZeRO-2/3 reduce gradients during each backward and ZeRO-3 gathers
 parameters during each forward, so a rank that skipped one would hang its peers. A rank with nothing left
 for a pass runs it on a stand-in sequence with zero weight.
+
+Mini-batches: `_train` takes `BatchPlan.epochs` passes over the batch in mini-batches of
+`BatchPlan.mini_batch_size` sequences (all ranks together), one optimiser step each. The RL ranks' plan is
+`algorithm.mini_batch_size` and `algorithm.ppo_epochs`; an offline stage's is its `offline.<stage>.batch_size`
+and one pass.
 
 Gradients: a mini-batch is split into micro-batches of at most `trainer.micro_batch_size` sequences; each
 micro-batch's loss is weighted by its share of the GLOBAL mini-batch (tokens for a token mean, sequences
@@ -22,6 +28,7 @@ import os
 import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -84,6 +91,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How `_train` cuts the batch of one `train` call into optimiser steps."""
+
+    mini_batch_size: int  # sequences (pairs, for preference batches) per optimiser step, all ranks together
+    epochs: int = 1  # passes over the batch
+
+
 class DeepSpeedRank:
     """Base of the trainer ranks (a plain class; `WorkerGroup` makes it a Ray actor)."""
 
@@ -101,6 +116,7 @@ class DeepSpeedRank:
                 f"rank {rank}: MASTER_ADDR/MASTER_PORT missing; ask rank 0 for master_address() first"
             )
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.plan = self.batch_plan(cfg)
         self.addr, self.port = addr, int(port)
         os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
         self.engine = None
@@ -114,6 +130,12 @@ class DeepSpeedRank:
 
     def learning_rate(self) -> float:
         return self.cfg.trainer.lr
+
+    @classmethod
+    def batch_plan(cls, cfg: RLHFConfig) -> BatchPlan:
+        """The RL ranks': `algorithm.mini_batch_size` sequences per optimiser step, `algorithm.ppo_epochs`
+        passes."""
+        return BatchPlan(cfg.algorithm.mini_batch_size, cfg.algorithm.ppo_epochs)
 
     # ---- start-up ------------------------------------------------------------------------------
     def master_address(self) -> tuple[str, int]:
@@ -164,14 +186,14 @@ class DeepSpeedRank:
 
     def micro_batches_per_step(self) -> int:
         """Micro-batches per optimiser step when the batch splits evenly (DeepSpeed's bookkeeping only)."""
-        per_rank = max(1, self.cfg.algorithm.mini_batch_size // self.world)
+        per_rank = max(1, self.plan.mini_batch_size // self.world)
         return math.ceil(per_rank / self.cfg.trainer.micro_batch_size)
 
     def optimiser_steps(self, batch_rows: int) -> int:
         """Optimiser steps `_train` takes on a batch of `batch_rows` sequences (every rank the same)."""
         max_shard = math.ceil(batch_rows / self.world)
-        per_rank = max(1, self.cfg.algorithm.mini_batch_size // self.world)
-        return self.cfg.algorithm.ppo_epochs * math.ceil(max_shard / per_rank)
+        per_rank = max(1, self.plan.mini_batch_size // self.world)
+        return self.plan.epochs * math.ceil(max_shard / per_rank)
 
     # ---- sharding and micro-batching -----------------------------------------------------------
     def _shard(self, batch: Batch) -> tuple[Batch, int]:
@@ -211,23 +233,21 @@ class DeepSpeedRank:
         return total.cpu()
 
     def _train(self, batch: Batch, micro_loss: MicroLoss) -> dict[str, float]:
-        """PPO epochs over this rank's shard: shuffled (seeded) mini-batches of
-        `algorithm.mini_batch_size // world` sequences, one optimiser step each, accumulated over
-        micro-batches. Returns token-weighted means of the micro-batch stats (maxima for `*_max`), and the
+        """`plan.epochs` passes over this rank's shard in shuffled (seeded) mini-batches of
+        `plan.mini_batch_size // world` sequences, one optimiser step each, accumulated over micro-batches. Returns token-weighted means of the micro-batch stats (maxima for `*_max`), and the
         mean `grad_norm` and `lr` of the optimiser steps."""
         if len(batch) == 0:
             raise ValueError("train: the batch is empty")
-        algo = self.cfg.algorithm
         self.engine.train()
         shard, max_shard = self._shard(batch)
-        n_mini = math.ceil(max_shard / max(1, algo.mini_batch_size // self.world))
+        n_mini = math.ceil(max_shard / max(1, self.plan.mini_batch_size // self.world))
         n_micro = math.ceil(math.ceil(max_shard / n_mini) / self.cfg.trainer.micro_batch_size)
         stand_in = batch.select([0])
         sums: dict[str, float] = defaultdict(float)
         peaks: dict[str, float] = {}  # stats named *_max are maxima, not means
         weight = 0.0
         step_stats: dict[str, list[float]] = defaultdict(list)
-        for epoch in range(algo.ppo_epochs):
+        for epoch in range(self.plan.epochs):
             order = np.random.default_rng([self.cfg.run.seed, self.train_calls, epoch, self.rank])
             for mini in shard.select(order.permutation(len(shard)).tolist()).split(n_mini):
                 total = self._global_counts(mini)
@@ -365,6 +385,22 @@ class DeepSpeedRank:
 
     def ping(self) -> int:
         return self.rank
+
+
+class OfflineRank(DeepSpeedRank):
+    """Base of the offline stages' ranks (SFT, reward model, DPO): one pass over each batch, one optimiser
+    step per `offline.<stage>.batch_size` rows, at `offline.<stage>.lr` (None: `trainer.lr`). The driver
+    puts the stage's settings in effect (its flags applied) in that section
+    (`rlhf_ray.trainer.offline.rank_config`)."""
+
+    offline_stage: str  # 'sft', 'reward_model' or 'dpo': its `offline` section (`stage` is the ZeRO stage)
+
+    @classmethod
+    def batch_plan(cls, cfg: RLHFConfig) -> BatchPlan:
+        return BatchPlan(getattr(cfg.offline, cls.offline_stage).batch_size)
+
+    def learning_rate(self) -> float:
+        return getattr(self.cfg.offline, self.offline_stage).lr or self.cfg.trainer.lr
 
 
 class _Frozen:

@@ -16,7 +16,7 @@ from typing import Literal
 import ray
 import torch
 
-from actors.deepspeed_rank import DeepSpeedRank, LossWeights
+from actors.deepspeed_rank import LossWeights, OfflineRank
 from actors.reward_trainer import both_sides, combine_pair_sums, pair_view
 from actors.worker_group import TrainerHandle, as_ref, wait_all
 from rlhf_ray.algorithms import dpo_loss, masked_sum
@@ -26,8 +26,10 @@ from rlhf_ray.models import load_causal_lm, sequence_logprobs
 LossType = Literal["sigmoid", "ipo"]
 
 
-class DPORank(DeepSpeedRank):
+class DPORank(OfflineRank):
     """One rank of the DPO policy and its reference (made a Ray actor by `WorkerGroup`)."""
+
+    offline_stage = "dpo"
 
     def build_model(self) -> torch.nn.Module:
         path = self.cfg.model.policy_path
@@ -102,7 +104,7 @@ class DPOTrainer(TrainerHandle):
     def train(
         self, batch_ref: ray.ObjectRef | Batch, beta: float, loss_type: LossType = "sigmoid"
     ) -> list[ray.ObjectRef]:
-        """One pass over the pairs (one optimiser step per `algorithm.mini_batch_size` pairs); refs of the
+        """One pass over the pairs (one optimiser step per `offline.dpo.batch_size` pairs); refs of the
         per-rank stats dicts."""
         return self.group.call("train", as_ref(batch_ref), float(beta), loss_type)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ray
 import torch
 
-from actors.deepspeed_rank import DeepSpeedRank, LossWeights
+from actors.deepspeed_rank import LossWeights, OfflineRank
 from actors.worker_group import TrainerHandle, as_ref, wait_all
 from rlhf_ray.algorithms import bradley_terry_loss
 from rlhf_ray.batch import Batch
@@ -45,9 +45,11 @@ def both_sides(part: Batch, name: str) -> torch.Tensor:
     return torch.cat([part[f"chosen_{name}"], part[f"rejected_{name}"]])
 
 
-class RewardRank(DeepSpeedRank):
+class RewardRank(OfflineRank):
     """One rank of the reward model (made a Ray actor by `WorkerGroup`). Starts from `model.reward_path`:
     a causal LM (the SFT model; its new scalar head starts at zero) or a value model saved by rlhf_ray."""
+
+    offline_stage = "reward_model"
 
     def build_model(self) -> torch.nn.Module:
         return load_value_model(self.cfg.model.reward_path, dtype=self.dtype, device=self.device)
@@ -121,7 +123,7 @@ class RewardTrainer(TrainerHandle):
     rank_cls = RewardRank
 
     def train(self, batch_ref: ray.ObjectRef | Batch) -> list[ray.ObjectRef]:
-        """One pass over the pairs (one optimiser step per `algorithm.mini_batch_size` pairs); refs of the
+        """One pass over the pairs (one optimiser step per `offline.reward_model.batch_size` pairs); refs of the
         per-rank stats dicts."""
         return self.group.call("train", as_ref(batch_ref))
 

@@ -2,8 +2,8 @@
 token-mean cross entropy of the response tokens, plus `SFTTrainer`, the driver's handle on them.
 
 Batches come from `rlhf_ray.data.encode_sft` (input_ids, attention_mask, response_mask). One `train`
-call runs the ranks' `_train` over the batch: with `algorithm.mini_batch_size >= len(batch)` (what the
-SFT driver sets) that is exactly one optimiser step on the whole batch. The math is
+call runs the ranks' `_train` over the batch: one pass, one optimiser step per `offline.sft.batch_size`
+sequences (the SFT driver's mini-batches are that size, so one step each). The math is
 `rlhf_ray.algorithms.sft_loss` and `rlhf_ray.models.sequence_logprobs`.
 """
 
@@ -12,15 +12,17 @@ from __future__ import annotations
 import ray
 import torch
 
-from actors.deepspeed_rank import DeepSpeedRank, LossWeights
+from actors.deepspeed_rank import LossWeights, OfflineRank
 from actors.worker_group import TrainerHandle, as_ref, wait_all
 from rlhf_ray.algorithms import sft_loss
 from rlhf_ray.batch import Batch
 from rlhf_ray.models import load_causal_lm, sequence_logprobs
 
 
-class SFTRank(DeepSpeedRank):
+class SFTRank(OfflineRank):
     """One rank of the SFT model (made a Ray actor by `WorkerGroup`); starts from `model.policy_path`."""
+
+    offline_stage = "sft"
 
     def build_model(self) -> torch.nn.Module:
         return load_causal_lm(self.cfg.model.policy_path, dtype=self.dtype, device=self.device)
@@ -60,8 +62,8 @@ class SFTTrainer(TrainerHandle):
     rank_cls = SFTRank
 
     def train(self, batch_ref: ray.ObjectRef | Batch) -> list[ray.ObjectRef]:
-        """One pass over the batch (one optimiser step per `algorithm.mini_batch_size` sequences); refs of
-        the per-rank stats dicts (average them with `actors.worker_group.average_stats`)."""
+        """One pass over the batch (one optimiser step per `offline.sft.batch_size` sequences); refs of
+        the per-rank stats dicts (average them with `actors.worker_group.combine_rank_stats`)."""
         return self.group.call("train", as_ref(batch_ref))
 
     def eval_loss(self, batch_ref: ray.ObjectRef | Batch, timeout: float | None = None) -> float:

@@ -5,7 +5,7 @@ records) against a frozen copy of itself, on trainer.num_ranks DeepSpeed ranks; 
 python -m jobs.dpo --config jobs/configs/tiny.yaml [--epochs N] [--batch-size N] [--lr X] [--beta B] [--loss-type sigmoid|ipo] [section.key=value ...]
 ray job submit --working-dir . -- python -m jobs.dpo --config jobs/configs/tiny.yaml
 
-The flags override the config's offline.dpo section when it has one (defaults: beta 0.1, sigmoid).
+The flags override the config's offline.dpo section (defaults: beta 0.1, sigmoid).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ python -m jobs.reward_model --config jobs/configs/tiny.yaml [--epochs N] [--batc
 ray job submit --working-dir . -- python -m jobs.reward_model --config jobs/configs/tiny.yaml
 
 --epochs, --batch-size (pairs per optimiser step, all ranks) and --lr (default trainer.lr) override the
-config's offline.reward_model section when it has one.
+config's offline.reward_model section.
 """
 
 from __future__ import annotations

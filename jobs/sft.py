@@ -5,7 +5,7 @@ python -m jobs.sft --config jobs/configs/tiny.yaml [--epochs N] [--batch-size N]
 ray job submit --working-dir . -- python -m jobs.sft --config jobs/configs/tiny.yaml
 
 --epochs, --batch-size (sequences per optimiser step, all ranks) and --lr (default trainer.lr) override
-the config's offline.sft section when it has one.
+the config's offline.sft section.
 """
 
 from __future__ import annotations

@@ -17,13 +17,16 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
+from actors.critic_trainer import CriticRank
+from actors.deepspeed_rank import BatchPlan
 from actors.reward_trainer import pair_view
+from actors.sft_trainer import SFTRank
 from rlhf_ray.batch import Batch
-from rlhf_ray.config import ConfigError, RLHFConfig
+from rlhf_ray.config import ConfigError, OfflineStageConfig, RLHFConfig
 from rlhf_ray.data import DataError, encode_preferences, load_records, write_jsonl
 from rlhf_ray.data.synthetic import demonstration, gold_score, make_preference_records, target, write_task
 from rlhf_ray.models import load_tokenizer, load_value_model, sequence_scores
-from rlhf_ray.trainer.offline import parse_stage_flags, stage_settings, trim_batch
+from rlhf_ray.trainer.offline import parse_stage_flags, rank_config, stage_settings, trim_batch
 
 N_DEMOS, N_PAIR_PROMPTS, N_EVAL_PROMPTS = 1500, 1700, 100
 SFT_GOLD_MIN = 0.5  # measured greedy gold on held-out prompts after 2 epochs: see test_sft
@@ -201,6 +204,28 @@ def test_stage_settings_precedence_and_validation(tiny_model_dir, tmp_path):
     )
     assert flags == {"epochs": 2, "batch_size": None, "lr": None, "beta": 0.2, "loss_type": None}
     assert rest == ["--config", "c.yaml", "trainer.lr=1e-3"]
+
+
+def test_offline_ranks_plan_their_batches_from_the_stage(tiny_model_dir, tmp_path):
+    """The SFT ranks take one optimiser step per `offline.sft.batch_size` sequences (or the job's flag) at
+    the stage's lr, whatever PPO's `algorithm` section says; the RL ranks keep the algorithm's plan."""
+    cfg = make_cfg(
+        tiny_model_dir,
+        tmp_path,
+        tmp_path / "x.jsonl",
+        algorithm={"mini_batch_size": 16, "ppo_epochs": 3},
+        offline={"sft": {"batch_size": 8, "lr": 5e-4}},
+    )
+    settings = stage_settings(cfg, "sft")
+    assert isinstance(settings, OfflineStageConfig)
+    assert settings == cfg.offline.sft
+    ranks_cfg = rank_config(cfg, "sft", settings)  # what run_sft starts the ranks with
+    assert SFTRank.batch_plan(ranks_cfg) == BatchPlan(mini_batch_size=8, epochs=1)
+    assert ranks_cfg.algorithm == cfg.algorithm and ranks_cfg.trainer == cfg.trainer
+    flagged = rank_config(cfg, "sft", stage_settings(cfg, "sft", batch_size=4, lr=None))
+    assert SFTRank.batch_plan(flagged) == BatchPlan(mini_batch_size=4, epochs=1)
+    assert flagged.offline.sft.lr == 5e-4  # a flag left out (None) keeps the config's value
+    assert CriticRank.batch_plan(ranks_cfg) == BatchPlan(mini_batch_size=16, epochs=3)
 
 
 def test_pair_view_weighs_each_pair_once(tiny_model_dir):

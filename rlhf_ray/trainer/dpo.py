@@ -16,7 +16,8 @@ from typing import Any
 import ray
 
 from actors.dpo_trainer import DPOTrainer
-from actors.worker_group import average_stats, wait_all
+from actors.placement import role_options
+from actors.worker_group import combine_rank_stats, wait_all
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.data import encode_preferences
 from rlhf_ray.models import load_tokenizer
@@ -24,7 +25,6 @@ from rlhf_ray.trainer.offline import (
     fit_epochs,
     load_split,
     rank_config,
-    rank_options,
     require_model_dir,
     stage_settings,
     summary,
@@ -63,7 +63,8 @@ def run_dpo(
     held_out = encode_preferences(eval_records, tokenizer, cfg.data) if eval_records is not None else None
     out_dir, timeout = Path(cfg.run.output_dir), cfg.run.call_timeout_s
 
-    trainer = DPOTrainer(rank_config(cfg, s), rank_options(cfg), init_timeout=timeout)
+    options = [role_options(cfg.placement.policy) for _ in range(cfg.trainer.num_ranks)]
+    trainer = DPOTrainer(rank_config(cfg, "dpo", s), options, init_timeout=timeout)
     try:
         evaluate = None
         if held_out is not None:
@@ -74,7 +75,9 @@ def run_dpo(
                 return {f"eval/{k}": v for k, v in stats.items() if k != "pairs"}
 
         def train_step(ref: ray.ObjectRef) -> dict[str, float]:
-            return average_stats(wait_all(trainer.train(ref, s.beta, s.loss_type), timeout, "DPO train step"))
+            return combine_rank_stats(
+                wait_all(trainer.train(ref, s.beta, s.loss_type), timeout, "DPO train step")
+            )
 
         result = fit_epochs(
             "dpo",

@@ -1,10 +1,11 @@
-"""What the offline stages (SFT, reward model, DPO) share: their settings, the held-out split, the worker
-group's per-rank options, and `fit_epochs`, the epoch loop over shuffled mini-batches with a progress bar,
-a metrics JSONL (and TensorBoard), held-out evaluation and a plot.
+"""What the offline stages (SFT, reward model, DPO) share: their settings, the config their ranks get, the
+held-out split, and `fit_epochs`, the epoch loop over shuffled mini-batches with a progress bar, a metrics
+JSONL (and TensorBoard), held-out evaluation and a plot.
 
-Settings of a stage (epochs, batch_size, lr; DPO also beta, loss_type) come, first to last, from the
-driver's keyword arguments (the jobs' --epochs ... flags), the config section `offline.<stage>` when the
-config has one, and the defaults of `StageSettings`. `lr` None means `trainer.lr`.
+Settings of a stage (epochs, batch_size, lr; DPO also beta, loss_type) are an `OfflineStageConfig`: the
+config section `offline.<stage>` with the driver's keyword arguments (the jobs' --epochs ... flags) put over
+it. `lr` None means `trainer.lr`. The ranks get them in their config (`rank_config`): one optimiser step
+per `batch_size` rows (see `actors.deepspeed_rank.OfflineRank`).
 
 The driver holds the encoded dataset (it tokenises once, so a bad record fails before any actor starts)
 and puts one mini-batch at a time in the object store; the ranks get its reference.
@@ -17,7 +18,9 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ import numpy as np
 import ray
 
 from rlhf_ray.batch import Batch
-from rlhf_ray.config import ConfigError, LoggingConfig, RLHFConfig
+from rlhf_ray.config import ConfigError, LoggingConfig, OfflineStageConfig, RLHFConfig
 from rlhf_ray.data import DataError, load_records
 from rlhf_ray.metrics import MetricsLogger, plot_metrics, read_metrics
 
@@ -36,61 +39,62 @@ log = logging.getLogger(__name__)
 STAGES = ("sft", "reward_model", "dpo")
 
 
-@dataclass
-class StageSettings:
-    epochs: int = 1
-    batch_size: int = 32  # sequences (SFT) or pairs (reward model, DPO) per optimiser step, all ranks
-    lr: float | None = None  # None: trainer.lr
-    beta: float = 0.1  # DPO only: strength of the implicit KL to the reference
-    loss_type: str = "sigmoid"  # DPO only: 'sigmoid' (DPO) or 'ipo'
-
-
-def stage_settings(cfg: RLHFConfig, stage: str, **overrides: Any) -> StageSettings:
-    """The settings of `stage` (see the module docstring); overrides that are None are ignored."""
+def stage_settings(cfg: RLHFConfig, stage: str, **overrides: Any) -> OfflineStageConfig:
+    """`offline.<stage>` with the overrides that are not None put over it, checked (see the module
+    docstring). An override that is not a field of the section is a TypeError."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r} is not one of {STAGES}")
-    names = [f.name for f in dataclasses.fields(StageSettings)]
-    section = getattr(getattr(cfg, "offline", None), stage, None)
-    values = {n: getattr(section, n) for n in names if section is not None and hasattr(section, n)}
+    names = [f.name for f in dataclasses.fields(OfflineStageConfig)]
     unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise TypeError(f"unknown {stage} setting(s) {unknown}; allowed: {names}")
-    values |= {k: v for k, v in overrides.items() if v is not None}
-    s = StageSettings(**values)
-    checks = [
-        ("epochs", s.epochs, isinstance(s.epochs, int) and s.epochs >= 1, "an integer >= 1"),
-        ("batch_size", s.batch_size, isinstance(s.batch_size, int) and s.batch_size >= 1, "an integer >= 1"),
-        ("lr", s.lr, s.lr is None or s.lr > 0, "null (trainer.lr) or a number > 0"),
-        ("beta", s.beta, s.beta > 0, "a number > 0"),
-        ("loss_type", s.loss_type, s.loss_type in ("sigmoid", "ipo"), "'sigmoid' or 'ipo'"),
-    ]
-    for key, value, ok, allowed in checks:
-        if not ok:
-            raise ConfigError(
-                f"offline.{stage}.{key}={value!r} is out of range: it must be {allowed} "
-                f"(set it in the config or with the job's --{key.replace('_', '-')} flag)"
-            )
-    return s
+    given = {k: v for k, v in overrides.items() if v is not None}
+    settings = dataclasses.replace(getattr(cfg.offline, stage), **given)
+    prefix = f"offline.{stage}."
+    try:
+        _check_stage(settings, prefix)
+    except ConfigError as exc:
+        key = re.match(rf"{re.escape(prefix)}(\w+)=", str(exc))
+        if key is None:
+            raise
+        flag = key.group(1).replace("_", "-")
+        raise ConfigError(f"{exc} (set it in the config or with the job's --{flag} flag)") from None
+    return settings
 
 
-def rank_config(cfg: RLHFConfig, settings: StageSettings, **model: Any) -> RLHFConfig:
-    """The config the ranks get: one optimiser step per mini-batch of `settings.batch_size` (the base
-    rank's `_train` reads algorithm.mini_batch_size and ppo_epochs), the stage's learning rate, and the
-    `model` paths given. Not validated again: the RL-only checks do not apply to these fields."""
-    algorithm = dataclasses.replace(cfg.algorithm, mini_batch_size=settings.batch_size, ppo_epochs=1)
-    trainer = dataclasses.replace(cfg.trainer, lr=settings.lr or cfg.trainer.lr)
-    return dataclasses.replace(
-        cfg, algorithm=algorithm, trainer=trainer, model=dataclasses.replace(cfg.model, **model)
-    )
+def _check_stage(s: OfflineStageConfig, prefix: str) -> None:
+    """The section's own checks (ranges), and the choice of `loss_type`: the config's loader checks a
+    Literal while building the section, a step that the overrides skip."""
+    if hasattr(s, "check"):
+        s.check(prefix)
+    else:  # until rlhf_ray.config gives the section its check
+        checks = [
+            ("epochs", s.epochs, isinstance(s.epochs, int) and s.epochs >= 1, "an integer >= 1"),
+            (
+                "batch_size",
+                s.batch_size,
+                isinstance(s.batch_size, int) and s.batch_size >= 1,
+                "an integer >= 1",
+            ),
+            ("lr", s.lr, s.lr is None or s.lr > 0, "null (trainer.lr) or a number > 0"),
+            ("beta", s.beta, s.beta > 0, "a number > 0"),
+        ]
+        for key, value, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"{prefix}{key}={value!r} is out of range: it must be {allowed}")
+    choices = typing.get_args(typing.get_type_hints(OfflineStageConfig)["loss_type"])
+    if s.loss_type not in choices:
+        raise ConfigError(
+            f"{prefix}loss_type={s.loss_type!r} is not allowed: choose one of {', '.join(map(repr, choices))}"
+        )
 
 
-def rank_options(cfg: RLHFConfig) -> list[dict[str, Any]]:
-    """Ray `.options()` of each rank: the resources of `placement.policy` (per rank)."""
-    res = cfg.placement.policy
-    opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
-    if res.resources:
-        opts["resources"] = dict(res.resources)
-    return [dict(opts) for _ in range(cfg.trainer.num_ranks)]
+def rank_config(cfg: RLHFConfig, stage: str, settings: OfflineStageConfig, **model: Any) -> RLHFConfig:
+    """The config the ranks of `stage` get: `settings` (the stage's settings in effect) as `offline.<stage>`,
+    which sets their batch plan and learning rate (`actors.deepspeed_rank.OfflineRank`), and the `model`
+    paths given (`stage_settings` checked the settings)."""
+    offline = dataclasses.replace(cfg.offline, **{stage: settings})
+    return dataclasses.replace(cfg, offline=offline, model=dataclasses.replace(cfg.model, **model))
 
 
 def require_model_dir(path: str | None, key: str) -> str:
@@ -157,7 +161,7 @@ class FitResult:
 def fit_epochs(
     stage: str,
     cfg: RLHFConfig,
-    settings: StageSettings,
+    settings: OfflineStageConfig,
     train: Batch,
     train_step: Callable[[ray.ObjectRef], dict[str, float]],
     evaluate: Callable[[], dict[str, float]] | None,

@@ -17,8 +17,9 @@ from typing import Any
 
 import ray
 
+from actors.placement import role_options
 from actors.reward_trainer import RewardTrainer
-from actors.worker_group import average_stats, wait_all
+from actors.worker_group import combine_rank_stats, wait_all
 from rlhf_ray.config import ConfigError, RLHFConfig
 from rlhf_ray.data import encode_preferences
 from rlhf_ray.models import load_tokenizer
@@ -26,7 +27,6 @@ from rlhf_ray.trainer.offline import (
     fit_epochs,
     load_split,
     rank_config,
-    rank_options,
     require_model_dir,
     stage_settings,
     summary,
@@ -67,8 +67,9 @@ def run_reward_model(
     held_out = encode_preferences(eval_records, tokenizer, cfg.data) if eval_records is not None else None
     out_dir, timeout = Path(cfg.run.output_dir), cfg.run.call_timeout_s
 
-    ranks_cfg = rank_config(cfg, settings, reward_path=init, tokenizer_path=tokenizer_path)
-    trainer = RewardTrainer(ranks_cfg, rank_options(cfg), init_timeout=timeout)
+    ranks_cfg = rank_config(cfg, "reward_model", settings, reward_path=init, tokenizer_path=tokenizer_path)
+    options = [role_options(cfg.placement.policy) for _ in range(cfg.trainer.num_ranks)]
+    trainer = RewardTrainer(ranks_cfg, options, init_timeout=timeout)
     try:
         evaluate = None
         if held_out is not None:
@@ -79,7 +80,7 @@ def run_reward_model(
                 return {f"eval/{k}": v for k, v in stats.items() if k != "pairs"}
 
         def train_step(ref: ray.ObjectRef) -> dict[str, float]:
-            return average_stats(wait_all(trainer.train(ref), timeout, "reward model train step"))
+            return combine_rank_stats(wait_all(trainer.train(ref), timeout, "reward model train step"))
 
         result = fit_epochs(
             "reward_model",

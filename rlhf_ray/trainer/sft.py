@@ -14,8 +14,9 @@ from typing import Any
 
 import ray
 
+from actors.placement import role_options
 from actors.sft_trainer import SFTTrainer
-from actors.worker_group import average_stats, wait_all
+from actors.worker_group import combine_rank_stats, wait_all
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.data import encode_sft
 from rlhf_ray.models import load_tokenizer
@@ -23,7 +24,6 @@ from rlhf_ray.trainer.offline import (
     fit_epochs,
     load_split,
     rank_config,
-    rank_options,
     require_model_dir,
     stage_settings,
     summary,
@@ -47,7 +47,8 @@ def run_sft(
     held_out = encode_sft(eval_records, tokenizer, cfg.data) if eval_records is not None else None
     out_dir, timeout = Path(cfg.run.output_dir), cfg.run.call_timeout_s
 
-    trainer = SFTTrainer(rank_config(cfg, settings), rank_options(cfg), init_timeout=timeout)
+    options = [role_options(cfg.placement.policy) for _ in range(cfg.trainer.num_ranks)]
+    trainer = SFTTrainer(rank_config(cfg, "sft", settings), options, init_timeout=timeout)
     try:
         evaluate = None
         if held_out is not None:
@@ -57,7 +58,7 @@ def run_sft(
                 return {"eval/loss": trainer.eval_loss(held_out_ref, timeout)}
 
         def train_step(ref: ray.ObjectRef) -> dict[str, float]:
-            return average_stats(wait_all(trainer.train(ref), timeout, "SFT train step"))
+            return combine_rank_stats(wait_all(trainer.train(ref), timeout, "SFT train step"))
 
         result = fit_epochs(
             "sft",
