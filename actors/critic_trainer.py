@@ -16,6 +16,7 @@ from rlhf_ray.batch import Batch
 from rlhf_ray.models import load_value_model, token_values
 
 
+# ---- runs in each rank (one Ray actor process per rank) ----------------------------------------------------
 class CriticRank(DeepSpeedRank):
     """One rank of the critic (made a Ray actor by `WorkerGroup`). Starts from model.critic_path, else
     the reward model, else the policy (a new scalar head starts at zero)."""
@@ -59,6 +60,7 @@ class CriticRank(DeepSpeedRank):
         return self._train(batch, micro_loss)
 
 
+# ---- runs on the driver ------------------------------------------------------------------------------------
 class CriticTrainer(TrainerHandle):
     """Driver-side handle on the critic's worker group (`cfg.trainer.num_ranks` CriticRank actors).
     Work on the ranks returns refs; blocking methods take `timeout` (seconds, None = no limit)."""

@@ -18,6 +18,8 @@ micro-batch's loss is weighted by its share of the GLOBAL mini-batch (tokens for
 for a sequence mean, counted over all ranks with one all-reduce), times the world size because DeepSpeed
 averages gradients over ranks. The accumulated gradient is then exactly that of the whole mini-batch's
 loss, however it is cut into ranks and micro-batches.
+
+Runs in each rank (a Ray actor process per rank).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from torch import Tensor
 from rlhf_ray import runtime
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
+from rlhf_ray.metrics import extreme
 
 LOSS_WEIGHT_KINDS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
@@ -234,7 +237,7 @@ class DeepSpeedRank:
 
     def _train(self, batch: Batch, micro_loss: MicroLoss) -> dict[str, float]:
         """`plan.epochs` passes over this rank's shard in shuffled (seeded) mini-batches of
-        `plan.mini_batch_size // world` sequences, one optimiser step each, accumulated over micro-batches. Returns token-weighted means of the micro-batch stats (maxima for `*_max`), and the
+        `plan.mini_batch_size // world` sequences, one optimiser step each, accumulated over micro-batches. Returns token-weighted means of the micro-batch stats (extremes for `*_max`/`*_min`), and the
         mean `grad_norm` and `lr` of the optimiser steps."""
         if len(batch) == 0:
             raise ValueError("train: the batch is empty")
@@ -244,7 +247,7 @@ class DeepSpeedRank:
         n_micro = math.ceil(math.ceil(max_shard / n_mini) / self.cfg.trainer.micro_batch_size)
         stand_in = batch.select([0])
         sums: dict[str, float] = defaultdict(float)
-        peaks: dict[str, float] = {}  # stats named *_max are maxima, not means
+        peaks: dict[str, float] = {}  # stats named *_max / *_min are extremes, not means (`extreme`)
         weight = 0.0
         step_stats: dict[str, list[float]] = defaultdict(list)
         for epoch in range(self.plan.epochs):
@@ -269,8 +272,8 @@ class DeepSpeedRank:
                     self.engine.step()
                     if weights.tokens > 0:
                         for k, v in stats.items():
-                            if k.endswith("_max"):
-                                peaks[k] = max(peaks.get(k, v), v)
+                            if (pick := extreme(k)) is not None:
+                                peaks[k] = pick(peaks.get(k, v), v)
                             else:
                                 sums[k] += weights.tokens * v
                         weight += weights.tokens
@@ -299,7 +302,7 @@ class DeepSpeedRank:
     def export_weights(self) -> list[ray.ObjectRef] | None:
         """Rank 0: `[ray.put({hf_name: numpy array})]` (a list, so Ray passes the ref on unresolved); the
         other ranks None. Every rank must call it (under ZeRO-3 the gather is a collective)."""
-        from rlhf_ray.weight_sync import named_weights_numpy
+        from rlhf_ray.weight_transport import named_weights_numpy
 
         with self._full_parameters() as model:
             weights = named_weights_numpy(model) if self.rank == 0 else None
@@ -307,7 +310,7 @@ class DeepSpeedRank:
 
     def weight_manifest(self) -> list[tuple[str, tuple[int, ...], str]]:
         """`[(hf_name, shape, dtype)]` of what `broadcast_weights` sends, for the receivers."""
-        from rlhf_ray.weight_sync import weight_manifest
+        from rlhf_ray.weight_transport import weight_manifest
 
         return weight_manifest(self.engine.module)
 
@@ -315,7 +318,7 @@ class DeepSpeedRank:
         """Rank 0: start the broadcast side group's store (sender = group rank 0); returns its (addr, port)."""
         if self.rank != 0:
             return None
-        from rlhf_ray.weight_sync import BroadcastSender
+        from rlhf_ray.weight_transport import BroadcastSender
 
         self.close_broadcast()
         self._broadcast = BroadcastSender()
@@ -329,7 +332,7 @@ class DeepSpeedRank:
     def broadcast_weights(self) -> int | None:
         """Send the weights to the receivers (concurrently with their receive). Every rank must call it
         (under ZeRO-3 the gather is a collective); rank 0 sends and returns the bytes sent."""
-        from rlhf_ray.weight_sync import named_weights
+        from rlhf_ray.weight_transport import named_weights
 
         sender = self._require_broadcast() if self.rank == 0 else None
         with torch.no_grad(), self._full_parameters() as model:

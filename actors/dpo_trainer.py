@@ -26,6 +26,7 @@ from rlhf_ray.models import load_causal_lm, sequence_logprobs
 LossType = Literal["sigmoid", "ipo"]
 
 
+# ---- runs in each rank (one Ray actor process per rank) ----------------------------------------------------
 class DPORank(OfflineRank):
     """One rank of the DPO policy and its reference (made a Ray actor by `WorkerGroup`)."""
 
@@ -95,6 +96,7 @@ def _reward_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, flo
     }
 
 
+# ---- runs on the driver ------------------------------------------------------------------------------------
 class DPOTrainer(TrainerHandle):
     """Driver-side handle on the DPO worker group (`cfg.trainer.num_ranks` DPORank actors); the directory
     `save_pretrained` writes is a causal LM like the SFT model's (transformers and vLLM load it)."""

@@ -121,7 +121,7 @@ class PolicyTrainer(TrainerHandle):
         (average them with `actors.worker_group.combine_rank_stats`)."""
         return self.group.call("train", as_ref(batch_ref), float(kl_coef))
 
-    # ---- broadcast transport (rlhf_ray.weight_sync): trainer rank 0 is rank 0 of the side group
+    # ---- broadcast transport (rlhf_ray.weight_transport): trainer rank 0 is rank 0 of the side group
     def weight_manifest(self, timeout: float | None = None) -> list[tuple[str, tuple[int, ...], str]]:
         """`[(hf_name, shape, dtype)]` the receivers must expect (what `broadcast_weights` sends)."""
         return wait_all([self.group.call_rank0("weight_manifest")], timeout, "weight_manifest")[0]

@@ -45,6 +45,7 @@ def both_sides(part: Batch, name: str) -> torch.Tensor:
     return torch.cat([part[f"chosen_{name}"], part[f"rejected_{name}"]])
 
 
+# ---- runs in each rank (one Ray actor process per rank) ----------------------------------------------------
 class RewardRank(OfflineRank):
     """One rank of the reward model (made a Ray actor by `WorkerGroup`). Starts from `model.reward_path`:
     a causal LM (the SFT model; its new scalar head starts at zero) or a value model saved by rlhf_ray."""
@@ -115,6 +116,7 @@ def combine_pair_sums(parts: list[dict[str, float]], prefix: str = "") -> dict[s
     return out | {f"{prefix}pairs": pairs}
 
 
+# ---- runs on the driver ------------------------------------------------------------------------------------
 class RewardTrainer(TrainerHandle):
     """Driver-side handle on the reward model's worker group (`cfg.trainer.num_ranks` RewardRank actors).
     The directory `save_pretrained` writes loads with `rlhf_ray.models.load_value_model` and serves

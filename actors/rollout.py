@@ -9,7 +9,7 @@ Sampling is reproducible: sample i of a call drawn with `seed` uses its own seed
 prompts and seed give the same responses however vLLM schedules them. Without `seed`, the engine draws
 one per call from `cfg.run.seed` (and the engine's rank), so a whole run repeats.
 
-Weights arrive after each training step through either transport of `rlhf_ray.weight_sync`:
+Weights arrive after each training step through either transport of `rlhf_ray.weight_transport`:
 `update_weights_from_store([ref])` (object store) or `open_broadcast` once + `receive_broadcast` per
 sync (torch.distributed side group). Either way the engine reloads in place, re-ties a tied output layer
 and drops its prefix cache (cached keys/values were computed with the old weights).
@@ -33,7 +33,7 @@ from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.rollout_batch import build_rollout_batch, scatter_response_values, split_sequences
 from rlhf_ray.runtime import device, resolve_dtype, set_actor_threads, setup_process_env
-from rlhf_ray.weight_sync import BroadcastReceiver, ManifestEntry
+from rlhf_ray.weight_transport import BroadcastReceiver, ManifestEntry
 
 WeightIter = Iterable[tuple[str, Tensor]]
 

@@ -19,6 +19,7 @@ from rlhf_ray.batch import Batch
 from rlhf_ray.models import load_causal_lm, sequence_logprobs
 
 
+# ---- runs in each rank (one Ray actor process per rank) ----------------------------------------------------
 class SFTRank(OfflineRank):
     """One rank of the SFT model (made a Ray actor by `WorkerGroup`); starts from `model.policy_path`."""
 
@@ -55,6 +56,7 @@ class SFTRank(OfflineRank):
         return {"nll_sum": total, "tokens": float(mask.sum())}
 
 
+# ---- runs on the driver ------------------------------------------------------------------------------------
 class SFTTrainer(TrainerHandle):
     """Driver-side handle on the SFT worker group (`cfg.trainer.num_ranks` SFTRank actors). `train`
     returns refs; blocking methods take `timeout` (seconds, None = no limit)."""

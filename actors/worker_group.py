@@ -24,6 +24,7 @@ from ray.actor import ActorClass, ActorHandle
 
 from actors.deadline import DeadlinePassed, as_ready
 from actors.glue import glue
+from rlhf_ray.metrics import extreme
 
 DEFAULT_RANK_OPTIONS: dict[str, Any] = {"num_cpus": 1}
 # Rank 0 picks a free port, then binds it only when the ranks join: another process can take it in between
@@ -75,12 +76,8 @@ def combine_rank_stats(stats: Sequence[dict[str, float]]) -> dict[str, float]:
     out = {}
     for k in sorted({k for s in stats for k in s}):
         values = [s[k] for s in stats if k in s]
-        if k.endswith("_max"):
-            out[k] = max(values)
-        elif k.endswith("_min"):
-            out[k] = min(values)
-        else:
-            out[k] = sum(values) / len(values)
+        pick = extreme(k)
+        out[k] = pick(values) if pick is not None else sum(values) / len(values)
     return out
 
 
@@ -205,6 +202,3 @@ class TrainerHandle:
 
     def kill(self) -> None:
         self.group.kill()
-
-
-average_stats = combine_rank_stats  # TEMPORARY: the old name, until every caller is committed with the new

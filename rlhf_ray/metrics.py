@@ -13,6 +13,14 @@ from typing import Any
 
 from rlhf_ray.config import LoggingConfig
 
+
+def extreme(key: str) -> Any:
+    """How values of the statistic `key` combine over micro-batches and ranks: `max` for keys named
+    `*_max`, `min` for `*_min`, None for the rest (they are averaged, weighted where the caller knows by
+    what)."""
+    return max if key.endswith("_max") else min if key.endswith("_min") else None
+
+
 BAR_KEYS = {"reward/mean": "reward", "kl": "kl", "eval/gold": "gold", "tokens_per_s": "tok/s"}
 ROW_KEYS = {
     "train/loss": "loss",

@@ -22,7 +22,7 @@ from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.experience import OldLogprobs, mark_old_logprobs, old_logprobs_source
 from rlhf_ray.models import load_causal_lm, sequence_logprobs
-from rlhf_ray.weight_sync import BroadcastReceiver, named_weights
+from rlhf_ray.weight_transport import BroadcastReceiver, named_weights
 
 pytestmark = pytest.mark.slow
 

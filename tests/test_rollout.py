@@ -14,7 +14,7 @@ import torch
 from actors.rollout import RolloutEngine
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.models import load_causal_lm, load_tokenizer, sequence_logprobs
-from rlhf_ray.weight_sync import named_weights_numpy
+from rlhf_ray.weight_transport import named_weights_numpy
 
 pytestmark = pytest.mark.slow
 
@@ -235,7 +235,7 @@ def test_update_weights_from_store(engines, kind, prompts, tiny_model_dir, token
 def _sender_class():
     """A plain Ray actor holding a perturbed transformers model, acting as trainer rank 0 (defined in a
     function so Ray ships it by value)."""
-    from rlhf_ray.weight_sync import BroadcastSender, named_weights, weight_manifest
+    from rlhf_ray.weight_transport import BroadcastSender, named_weights, weight_manifest
 
     class WeightSender:
         def __init__(self, model_dir, seed):

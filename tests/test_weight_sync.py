@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rlhf_ray.weight_sync import (
+from rlhf_ray.weight_transport import (
     BroadcastReceiver,
     BroadcastSender,
     WeightSyncError,

@@ -1,4 +1,6 @@
-"""Weight sync from the policy trainer to the rollout engines: what is sent, and the broadcast transport.
+"""The two ends of the weight transports (policy rank 0 sends, the rollout engines receive): the payload
+(HF-named parameters) and the broadcast group. The driver side, which picks a transport and runs a sync
+between the roles, is `rlhf_ray.trainer.weight_sync`.
 
 Two transports carry the same payload, HF-named parameters of the policy:
 - **object store** (default, works everywhere): trainer rank 0 returns
