@@ -342,6 +342,10 @@ class OfflineStageConfig:
         _require(p + "batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1")
         _require(p + "lr", self.lr, self.lr is None or self.lr > 0, "null (trainer.lr) or a number > 0")
         _require(p + "beta", self.beta, self.beta > 0, "a number > 0")
+        # the loader checks the Literal; the jobs' --loss-type flag (and code) can set any value
+        choices = ("sigmoid", "ipo")
+        if self.loss_type not in choices:
+            raise ConfigError(f"{p}loss_type={self.loss_type!r} is not allowed: choose one of {choices}")
 
 
 @dataclass

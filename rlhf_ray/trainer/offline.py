@@ -20,7 +20,6 @@ import logging
 import math
 import re
 import time
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ def stage_settings(cfg: RLHFConfig, stage: str, **overrides: Any) -> OfflineStag
     settings = dataclasses.replace(getattr(cfg.offline, stage), **given)
     prefix = f"offline.{stage}."
     try:
-        _check_stage(settings, prefix)
+        settings.check(prefix)
     except ConfigError as exc:
         key = re.match(rf"{re.escape(prefix)}(\w+)=", str(exc))
         if key is None:
@@ -60,33 +59,6 @@ def stage_settings(cfg: RLHFConfig, stage: str, **overrides: Any) -> OfflineStag
         flag = key.group(1).replace("_", "-")
         raise ConfigError(f"{exc} (set it in the config or with the job's --{flag} flag)") from None
     return settings
-
-
-def _check_stage(s: OfflineStageConfig, prefix: str) -> None:
-    """The section's own checks (ranges), and the choice of `loss_type`: the config's loader checks a
-    Literal while building the section, a step that the overrides skip."""
-    if hasattr(s, "check"):
-        s.check(prefix)
-    else:  # until rlhf_ray.config gives the section its check
-        checks = [
-            ("epochs", s.epochs, isinstance(s.epochs, int) and s.epochs >= 1, "an integer >= 1"),
-            (
-                "batch_size",
-                s.batch_size,
-                isinstance(s.batch_size, int) and s.batch_size >= 1,
-                "an integer >= 1",
-            ),
-            ("lr", s.lr, s.lr is None or s.lr > 0, "null (trainer.lr) or a number > 0"),
-            ("beta", s.beta, s.beta > 0, "a number > 0"),
-        ]
-        for key, value, ok, allowed in checks:
-            if not ok:
-                raise ConfigError(f"{prefix}{key}={value!r} is out of range: it must be {allowed}")
-    choices = typing.get_args(typing.get_type_hints(OfflineStageConfig)["loss_type"])
-    if s.loss_type not in choices:
-        raise ConfigError(
-            f"{prefix}loss_type={s.loss_type!r} is not allowed: choose one of {', '.join(map(repr, choices))}"
-        )
 
 
 def rank_config(cfg: RLHFConfig, stage: str, settings: OfflineStageConfig, **model: Any) -> RLHFConfig:
