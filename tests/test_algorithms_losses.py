@@ -252,6 +252,37 @@ def test_dpo_matches_python_loop_and_rewards_are_detached():
     assert (pc.grad < 0).all()  # raising the chosen log-prob lowers the loss
 
 
+def test_ipo_matches_python_loop_and_hand_derived_gradient():
+    # IPO (Azar et al. 2023): loss = (h - 1/(2 beta))^2, h = (pc - rc) - (pr - rr); so
+    # dloss/dpc = dloss/drr = 2 (h - 1/(2 beta)) and dloss/dpr = dloss/drc = -2 (h - 1/(2 beta)).
+    g = torch.Generator().manual_seed(17)
+    beta = 0.25  # target gap 1/(2 beta) = 2: some pairs below it, some above
+    pc, pr, rc, rr = (
+        (-5 * torch.rand(8, generator=g, dtype=torch.float64)).requires_grad_(True) for _ in range(4)
+    )
+    losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="ipo")
+    losses.sum().backward()
+    below = 0
+    for i in range(8):
+        h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
+        gap = h - 1.0 / (2.0 * beta)
+        below += gap < 0
+        assert losses[i].item() == pytest.approx(gap * gap, abs=1e-12)
+        assert pc.grad[i].item() == pytest.approx(2 * gap, abs=1e-12)
+        assert rr.grad[i].item() == pytest.approx(2 * gap, abs=1e-12)
+        assert pr.grad[i].item() == pytest.approx(-2 * gap, abs=1e-12)
+        assert rc.grad[i].item() == pytest.approx(-2 * gap, abs=1e-12)
+        assert chosen_r[i].item() == pytest.approx(beta * (pc[i].item() - rc[i].item()), abs=1e-12)
+        assert rejected_r[i].item() == pytest.approx(beta * (pr[i].item() - rr[i].item()), abs=1e-12)
+    assert 0 < below < 8  # the gradient's sign flips across the target gap, both sides exercised
+    assert not chosen_r.requires_grad and not rejected_r.requires_grad
+    # Independent of the hand derivation: central finite differences in float64.
+    inputs = tuple(t.detach().requires_grad_(True) for t in (pc, pr, rc, rr))
+    assert torch.autograd.gradcheck(
+        lambda *x: dpo_loss(*x, beta=beta, loss_type="ipo")[0], inputs, eps=1e-6, atol=1e-7
+    )
+
+
 def test_sft_loss_hand_values_and_ignores_masked_labels():
     logits = torch.zeros(1, 3, 4)  # uniform over 4 tokens: -log(1/4) per token
     logits[0, 1] = torch.tensor([0.0, math.log(3.0), 0.0, -100.0])  # p(1) = 3/5
