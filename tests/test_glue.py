@@ -11,7 +11,7 @@ from actors.glue import concat_batches, experience, glue, reset_glue
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import AlgorithmConfig
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]  # starts a local Ray
 
 
 def rollout(n: int, offset: int = 0) -> Batch:

@@ -10,7 +10,7 @@ import pytest
 
 from actors.worker_group import START_ATTEMPTS, WorkerGroup, wait_all
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]  # starts a local Ray
 BASE_PORT = 20000
 
 
