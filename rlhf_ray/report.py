@@ -62,6 +62,11 @@ def policy_figures(evaluation: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _in_se(value: float, se: float) -> str:
+    """`value` in standard errors; an s.e. of 0 (every prompt changed by the same amount) says so."""
+    return "s.e. 0" if se == 0 else f"{value / se:.0f} s.e."
+
+
 def verdict(gain: dict[str, float], min_gold_gain: float) -> tuple[str, str]:
     """('improved' | 'reward_hacking' | 'no_gain', a sentence saying why)."""
     g, g_se, r, r_se = gain["gold"], gain["gold_se"], gain["reward"], gain["reward_se"]
@@ -69,13 +74,13 @@ def verdict(gain: dict[str, float], min_gold_gain: float) -> tuple[str, str]:
     reward_clear = r > CLEAR_SE * r_se
     if gold_clear:
         return "improved", (
-            f"RL improved the held-out gold score by {g:+.3f} ({g / g_se:.0f} s.e.): it learned what the "
+            f"RL improved the held-out gold score by {g:+.3f} ({_in_se(g, g_se)}): it learned what the "
             f"labeler prefers, not only what the reward model rewards"
         )
     if reward_clear:
         moved = f"fell by {-g:.3f}" if g < 0 else f"rose by only {g:.3f}"
         return "reward_hacking", (
-            f"REWARD HACKING: RL raised the reward-model score by {r:+.3f} ({r / r_se:.0f} s.e.) but the gold "
+            f"REWARD HACKING: RL raised the reward-model score by {r:+.3f} ({_in_se(r, r_se)}) but the gold "
             f"score {moved} (an improvement needs > {max(min_gold_gain, CLEAR_SE * g_se):.3f}): the policy "
             f"found what the reward model over-rates. Raise algorithm.kl_coef or lower trainer.lr"
         )

@@ -13,7 +13,7 @@ import yaml
 
 from jobs.pipeline import main
 from rlhf_ray.config import RLHFConfig
-from rlhf_ray.report import build_summary, format_table, verdict
+from rlhf_ray.report import build_summary, format_table, paired_gain, verdict
 from rlhf_ray.trainer.pipeline import STAGES, stage_configs, stage_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +188,79 @@ def test_verdict_tells_improvement_from_reward_hacking():
     assert hacked["verdict"] == "reward_hacking"
     assert "REWARD HACKING" in format_table(hacked)
     assert judged(sft_gold, sft_reward)["verdict"] == "no_gain"
-    # a gold rise within the noise is not an improvement
-    noisy = (np.array(sft_gold) + rng.normal(0.0, 0.3, n)).tolist()
-    assert verdict({"gold": 0.01, "gold_se": 0.015, "reward": 0.0, "reward_se": 0.1}, 0.02)[0] == "no_gain"
-    assert judged(noisy, sft_reward)["gain"]["gold_se"] > 0.01
+
+
+def _shifted(before: list[float], mean: float, sd: float, seed: int) -> list[float]:
+    """`before` plus per-prompt changes whose mean is exactly `mean` and sample s.d. exactly `sd`, so the
+    paired standard error is exactly sd / sqrt(n)."""
+    z = np.random.default_rng(seed).normal(size=len(before))
+    z = (z - z.mean()) / z.std(ddof=1)
+    return (np.asarray(before) + mean + sd * z).tolist()
+
+
+def test_verdict_counts_a_rise_only_beyond_three_standard_errors(monkeypatch):
+    # n = 100 paired prompts: s.e. = sd / 10. A +0.1 gold rise with sd 0.4 (s.e. 0.04, 3 s.e. = 0.12) is
+    # within its own noise; with sd 0.3 (s.e. 0.03, 3 s.e. = 0.09) it is clear. Likewise a +0.5 reward
+    # rise with sd 2.0 (3 s.e. = 0.6) versus sd 1.5 (3 s.e. = 0.45), gold unchanged.
+    rng = np.random.default_rng(1)
+    n = 100
+    sft_gold = rng.uniform(0.3, 0.7, n).tolist()
+    sft_reward = rng.normal(0, 1, n).tolist()
+    records = {s: {"status": "ran", "seconds": 1.0} for s in STAGES}
+
+    def judged(rl_gold, rl_reward):
+        return build_summary(
+            _evaluation(sft_gold, rl_gold, sft_reward, rl_reward), records, [], 0.02, 1.0, {}
+        )
+
+    gold_noisy = judged(_shifted(sft_gold, 0.1, 0.4, 2), sft_reward)
+    assert gold_noisy["gain"]["gold"] == pytest.approx(0.1) and gold_noisy["gain"][
+        "gold_se"
+    ] == pytest.approx(0.04)
+    assert gold_noisy["verdict"] == "no_gain", gold_noisy["verdict_text"]
+    gold_clear = judged(_shifted(sft_gold, 0.1, 0.3, 2), sft_reward)
+    assert gold_clear["gain"]["gold_se"] == pytest.approx(0.03)
+    assert gold_clear["verdict"] == "improved", gold_clear["verdict_text"]
+
+    reward_noisy = judged(sft_gold, _shifted(sft_reward, 0.5, 2.0, 3))
+    assert reward_noisy["gain"]["reward_se"] == pytest.approx(0.2)
+    assert reward_noisy["verdict"] == "no_gain", reward_noisy["verdict_text"]
+    reward_clear = judged(sft_gold, _shifted(sft_reward, 0.5, 1.5, 3))
+    assert reward_clear["gain"]["reward_se"] == pytest.approx(0.15)
+    assert reward_clear["verdict"] == "reward_hacking", reward_clear["verdict_text"]
+    # a clear reward rise with a gold rise lost in the noise is reward hacking, not an improvement
+    both = judged(_shifted(sft_gold, 0.1, 0.4, 2), _shifted(sft_reward, 0.5, 1.5, 3))
+    assert both["verdict"] == "reward_hacking" and "rose by only 0.100" in both["verdict_text"]
+
+    # the threshold is what decides: at 2 s.e. the noisy rises above count, at 5 s.e. the clear ones do not
+    monkeypatch.setattr("rlhf_ray.report.CLEAR_SE", 2.0)
+    assert judged(_shifted(sft_gold, 0.1, 0.4, 2), sft_reward)["verdict"] == "improved"
+    assert judged(sft_gold, _shifted(sft_reward, 0.5, 2.0, 3))["verdict"] == "reward_hacking"
+    monkeypatch.setattr("rlhf_ray.report.CLEAR_SE", 5.0)
+    assert judged(_shifted(sft_gold, 0.1, 0.3, 2), sft_reward)["verdict"] == "no_gain"
+    assert judged(sft_gold, _shifted(sft_reward, 0.5, 1.5, 3))["verdict"] == "no_gain"
+
+
+def test_verdict_rule_at_its_edges():
+    def kind(gold, gold_se, reward=0.0, reward_se=1.0, min_gold_gain=0.02):
+        gain = {"gold": gold, "gold_se": gold_se, "reward": reward, "reward_se": reward_se}
+        return verdict(gain, min_gold_gain)[0]
+
+    # strictly beyond 3 s.e. (0.375 = 3 x 0.125 exactly in binary): on the line is not clear
+    assert kind(0.375, 0.125) == "no_gain" and kind(0.376, 0.125) == "improved"
+    assert kind(0.0, 0.1, reward=0.375, reward_se=0.125) == "no_gain"
+    assert kind(0.0, 0.1, reward=0.376, reward_se=0.125) == "reward_hacking"
+    # a tiny s.e. does not make a tiny rise count: pipeline.min_gold_gain is the floor
+    assert kind(0.05, 0.001, min_gold_gain=0.04) == "improved"
+    assert kind(0.05, 0.001, min_gold_gain=0.06) == "no_gain"
+    # a fall is never clear, however precise
+    assert kind(-0.2, 0.001, reward=-1.0, reward_se=0.001) == "no_gain"
+
+
+def test_verdict_with_zero_standard_error_does_not_crash():
+    # every prompt moved by exactly the same amount (e.g. all answers went from wrong to right): s.e. 0
+    assert paired_gain([1.0] * 4, [0.0] * 4) == (1.0, 0.0)
+    kind, text = verdict({"gold": 1.0, "gold_se": 0.0, "reward": 0.0, "reward_se": 0.0}, 0.02)
+    assert kind == "improved" and "+1.000" in text
+    kind, text = verdict({"gold": 0.0, "gold_se": 0.0, "reward": 2.0, "reward_se": 0.0}, 0.02)
+    assert kind == "reward_hacking" and "+2.000" in text
