@@ -73,14 +73,18 @@ def engines(ray_local, tiny_model_dir):
         ray.kill(e)
 
 
-def perturbed(model_dir, seed: int, scale: float = 0.05):
-    """A transformers copy of the tiny model with every weight moved by N(0, scale^2)."""
-    model = load_causal_lm(model_dir, trainable=False)
+def perturb_(model, seed: int, scale: float = 0.05):
+    """Move every weight of `model` in place by N(0, scale^2) noise drawn from `seed`; returns `model`."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * scale)
     return model
+
+
+def perturbed(model_dir, seed: int, scale: float = 0.05):
+    """A transformers copy of the tiny model with every weight moved by N(0, scale^2)."""
+    return perturb_(load_causal_lm(model_dir, trainable=False), seed, scale)
 
 
 def max_response_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
@@ -170,9 +174,15 @@ def test_greedy_equals_transformers_greedy(engines, kind, prompts, hf_model, tok
             assert batch["input_ids"][b, len(p) : length].tolist() == want
 
 
-def test_generate_limits(engines, prompts):
+def test_generate_limits(engines, prompts, tokenizer):
     batch = ray.get(engines["vllm"].generate.remote(prompts, 1, seed=3, max_new_tokens=4))
-    assert int(batch["response_mask"].sum(1).max()) <= 4
+    lengths = batch["response_mask"].sum(1).long()
+    # every prompt got an answer, and the limit (not EOS alone) ended some: an empty output fails here
+    assert len(batch) == len(prompts) and (lengths >= 1).all(), lengths
+    assert int(lengths.max()) == 4, lengths
+    for b, p in enumerate(prompts):  # an answer shorter than the limit was ended by EOS
+        response = batch["input_ids"][b, len(p) : len(p) + int(lengths[b])].tolist()
+        assert len(response) == 4 or response[-1] == tokenizer.eos_token_id, response
     with pytest.raises(ray.exceptions.RayTaskError, match="prompt 0 has 20 tokens"):
         ray.get(engines["vllm"].generate.remote([[7] * 20], 1))
 
@@ -181,6 +191,7 @@ def test_generate_limits(engines, prompts):
 def _check_sync(engine, batch, new_model, do_sync) -> tuple[float, float, float]:
     """(stale diff, synced diff, sync seconds) of the engine's log-probs against `new_model`'s."""
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    assert mask.sum() > 0  # response tokens to compare on
     with torch.no_grad():
         want, _ = sequence_logprobs(new_model, ids, attn)
     stale = max_response_diff(ray.get(engine.logprobs.remote(batch)), want, mask)
@@ -252,6 +263,9 @@ def _sender_class():
         def send(self):
             return self.sender.send(named_weights(self.model))
 
+        def perturb(self, seed):  # in place, as an optimizer step changes the parameters
+            perturb_(self.model, seed)
+
         def close(self):
             self.sender.close()
 
@@ -261,8 +275,8 @@ def _sender_class():
     return ray.remote(num_cpus=0)(WeightSender)
 
 
-@pytest.fixture(scope="module")
-def sender(ray_local, tiny_model_dir):
+@pytest.fixture
+def sender(ray_local, tiny_model_dir):  # one per test: the test changes its weights
     actor = _sender_class().remote(str(tiny_model_dir), 2)
     yield actor
     ray.kill(actor)
@@ -288,8 +302,15 @@ def test_update_weights_by_broadcast(engines, kind, prompts, tiny_model_dir, sen
     assert stale > STALE_MIN_DIFF
     assert synced < LOGPROB_TOL
     assert sent[0] == sum(int(np.prod(s)) * 4 for _, s, _ in manifest)
-    # a second sync over the same group (buffers reused) works as well
-    ray.get([sender.send.remote(), engine.receive_broadcast.remote()])
+    # a second sync over the same group (buffers reused) carries the sender's changed weights: the engine
+    # scores like the changed model, no longer like the first sync's
+    ray.get(sender.perturb.remote(seed=3))
+    changed_model = perturb_(perturbed(tiny_model_dir, seed=2), seed=3)
+    stale2, synced2, _ = _check_sync(engine, batch, changed_model, sync)
+    print(f"{kind} second broadcast sync: stale {stale2:.3f}, synced {synced2:.2e}")
+    assert stale2 > STALE_MIN_DIFF
+    assert synced2 < LOGPROB_TOL
+    assert sent[1] == sent[0]
     assert ray.get(sender.default_group_initialized.remote()) is False  # the side group is not the world
     ray.get([engine.close_broadcast.remote(), sender.close.remote()])
     _restore(engine, tiny_model_dir)

@@ -116,10 +116,19 @@ def test_broadcast_round_trip_between_processes():
     procs = [ctx.Process(target=_receiver, args=(addr, port, r, 3, queue, r == 2)) for r in (1, 2)]
     for p in procs:
         p.start()
+    # the same tensors are sent twice, changed in place in between (as an optimizer step changes the
+    # parameters): the second round must carry the new values, not the first round's again
+    weights = _tensors(1.0)
+    expected = []
     try:
         sender.connect()
         for round_ in range(2):
-            sent = sender.send(_tensors(1.0 + round_))
+            if round_:
+                with torch.no_grad():
+                    for t in weights.values():
+                        t.add_(1.0)
+            expected.append({n: t.clone() for n, t in weights.items()})
+            sent = sender.send(weights)
             assert sent == 33 * 7 * 4 + 130 * 2 + 25 * 4
         with pytest.raises(WeightSyncError, match="a receiver's manifest differs"):
             sender.send(_tensors(3.0))
@@ -130,10 +139,12 @@ def test_broadcast_round_trip_between_processes():
         sender.close()
     by_key = {(r, k): (v, n) for r, k, v, n in results}
     assert not [v for (r, k), (v, _) in by_key.items() if k == "crash"], by_key
+    for name in weights:  # every element changed between the rounds
+        assert not (expected[0][name] == expected[1][name]).any(), name
     for rank in (1, 2):
         for round_ in range(2):
             got, n_buffers = by_key[(rank, round_)]
-            want = _tensors(1.0 + round_)
+            want = expected[round_]
             assert set(got) == set(want)
             for name in want:
                 assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name])
