@@ -83,26 +83,31 @@ def local_numel(rank) -> tuple[int, int]:
     return held, sum(getattr(p, "ds_numel", p.numel()) for p in params)
 
 
-def broadcast_once(trainer: PolicyTrainer) -> dict[str, torch.Tensor]:
-    """The broadcast transport to one receiver actor (a stand-in for a rollout engine)."""
+@ray.remote(num_cpus=0)
+class BroadcastPeer:
+    """One receiver of the broadcast transport (a stand-in for a rollout engine): connected once, then
+    receives once per sync, as an engine does across RL steps."""
 
-    @ray.remote(num_cpus=0)
-    class Receiver:
-        def connect(self, addr, port):
-            self.end = BroadcastReceiver(addr, port, rank=1, world_size=2, timeout_s=120)
-            self.end.connect()
+    def connect(self, addr, port):
+        self.end = BroadcastReceiver(addr, port, rank=1, world_size=2, timeout_s=120)
+        self.end.connect()
 
-        def receive(self, manifest):
-            return {name: t.clone() for name, t in self.end.receive(manifest)}
+    def receive(self, manifest):
+        return {name: t.clone() for name, t in self.end.receive(manifest)}
 
-    receiver = Receiver.remote()
+
+def open_broadcast(trainer: PolicyTrainer):
+    """The trainer's side group with one connected peer; returns (peer, manifest)."""
+    peer = BroadcastPeer.remote()
     manifest = trainer.weight_manifest(timeout=60)
     addr, port = trainer.open_broadcast(world_size=2, timeout=60)
-    ray.get([trainer.connect_broadcast(), receiver.connect.remote(addr, port)], timeout=120)
-    received = ray.get([*trainer.broadcast_weights(), receiver.receive.remote(manifest)], timeout=120)[-1]
-    trainer.close_broadcast(timeout=60)
-    ray.kill(receiver)
-    return received
+    ray.get([trainer.connect_broadcast(), peer.connect.remote(addr, port)], timeout=120)
+    return peer, manifest
+
+
+def broadcast(trainer: PolicyTrainer, peer, manifest) -> dict[str, torch.Tensor]:
+    """One sync over the open side group: what the peer received."""
+    return ray.get([*trainer.broadcast_weights(), peer.receive.remote(manifest)], timeout=120)[-1]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
@@ -117,6 +122,7 @@ def scenario(request, ray_local, tiny_model_dir, tmp_path_factory):
     facts: dict = {"stage": stage, "batch": batch}
 
     trainer = PolicyTrainer(cfg)
+    peer = None
     try:
         facts["before"] = ray.get(trainer.compute_logprobs(ray.put(batch)), timeout=120)
         step1 = with_advantages(batch, facts["before"]["logprobs"])
@@ -125,7 +131,8 @@ def scenario(request, ray_local, tiny_model_dir, tmp_path_factory):
         facts["after"] = ray.get(trainer.compute_logprobs(batch), timeout=120)
         facts["rank_weights"] = full_weights_per_rank(trainer)
         facts["exported"] = ray.get(trainer.export_weights(timeout=120)[0], timeout=60)
-        facts["broadcast"] = broadcast_once(trainer)
+        peer, manifest = open_broadcast(trainer)
+        facts["broadcast"] = broadcast(trainer, peer, manifest)
         facts["local_numel"] = ray.get(
             [a.__ray_call__.remote(local_numel) for a in trainer.group.actors], timeout=60
         )
@@ -136,6 +143,10 @@ def scenario(request, ray_local, tiny_model_dir, tmp_path_factory):
         step2["ref_logprobs"] = facts["before"]["logprobs"]
         facts["stats2"] = combine_rank_stats(ray.get(trainer.train(step2, kl_coef=0.1), timeout=300))
         facts["after2"] = ray.get(trainer.compute_logprobs(batch), timeout=120)
+        # a second sync over the same side group, after the step changed the weights
+        facts["exported2"] = ray.get(trainer.export_weights(timeout=120)[0], timeout=60)
+        facts["broadcast2"] = broadcast(trainer, peer, manifest)
+        trainer.close_broadcast(timeout=60)
         if stage == 3:
             trainer.kill()
             trainer = PolicyTrainer(cfg)
@@ -151,6 +162,8 @@ def scenario(request, ray_local, tiny_model_dir, tmp_path_factory):
             facts[f"rows{rows}_stats"] = ray.get(trainer.train(part, kl_coef=0.1), timeout=120)
     finally:
         trainer.kill()
+        if peer is not None:
+            ray.kill(peer)
     return facts
 
 
@@ -222,10 +235,17 @@ def test_zero3_partitions_the_parameters(scenario):
 
 
 def test_broadcast_sends_the_exported_weights(scenario):
-    received, exported = scenario["broadcast"], scenario["exported"]
-    assert list(received) == list(exported)  # the manifest order: named_weights'
-    for name, value in received.items():
-        assert torch.equal(value, torch.from_numpy(exported[name].copy())), name
+    first, second = scenario["exported"], scenario["exported2"]
+    for received, exported in ((scenario["broadcast"], first), (scenario["broadcast2"], second)):
+        assert list(received) == list(exported)  # the manifest order: named_weights'
+        for name, value in received.items():
+            assert torch.equal(value, torch.from_numpy(exported[name].copy())), name
+    # the second step changed the weights, and the second sync carried the change: a sync that resent
+    # the first step's weights (or nothing, leaving the peer's reused buffers as they were) fails here
+    changed = [n for n in first if not (first[n] == second[n]).all()]
+    assert len(changed) > len(first) // 2, (len(changed), len(first))
+    for name in changed:
+        assert not torch.equal(scenario["broadcast"][name], scenario["broadcast2"][name]), name
 
 
 def test_exported_weights_equal_saved_directory_and_ranks(scenario):
