@@ -6,7 +6,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import ray
 
+from actors import role_id
 from rlhf_ray import batch as batch_module
 from rlhf_ray.data.synthetic import digit_shaped_reward, write_task
 from rlhf_ray.metrics import read_metrics
@@ -60,6 +62,22 @@ def test_resume_reproduces_uninterrupted_run(ray_local, tiny_model_dir, task, tm
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
+def placement_of(actor) -> tuple[str, str | None, set[int]]:
+    """(node id, placement group id, indices of the group's bundles whose resources it holds), asked inside
+    the actor. The bundle comes from the resource ids the raylet granted (`CPU_group_<bundle>_<pg>`): no
+    public API names an actor's bundle."""
+
+    def ask(self):
+        import re
+
+        ctx = ray.get_runtime_context()
+        granted = ray._private.worker.global_worker.core_worker.resource_ids()
+        bundles = {int(m.group(1)) for k in granted if (m := re.search(r"_group_(\d+)_[0-9a-f]+$", k))}
+        return ctx.get_node_id(), ctx.get_placement_group_id(), bundles
+
+    return ray.get(actor.__ray_call__.remote(ask), timeout=60)
+
+
 def test_colocated_broadcast_sync_and_http_reward(ray_local, tiny_model_dir, task, tmp_path):
     server, url = serve_rule_function(digit_shaped_reward)
     try:
@@ -72,7 +90,34 @@ def test_colocated_broadcast_sync_and_http_reward(ray_local, tiny_model_dir, tas
             reward={"kind": "http", "url": url, "function": None},
             run={"total_steps": 3, "eval_prompts": 8},
         )
-        fit(cfg)
+        trainer = PPOTrainer(cfg)
+        try:
+            trainer.start()
+            roles, plan = trainer.roles, trainer.roles.plan
+            # colocate: rollout engine 0 and the reference share policy rank 0's bundle; rank 1 and the
+            # reward model have their own
+            shared = plan.bundles_of(role_id.rank(role_id.POLICY, 0))
+            assert len(shared) == 1
+            assert plan.bundles_of(role_id.engine(0)) == shared == plan.bundles_of(role_id.REFERENCE)
+            others = plan.bundles_of(role_id.rank(role_id.POLICY, 1)) + plan.bundles_of(role_id.REWARD)
+            assert shared[0] not in others
+            # ... and the actors really run there: in that bundle of the run's group, on one node
+            colocated = {
+                "policy rank 0": roles.policy.group.actors[0],
+                "rollout engine 0": roles.engines[0],
+                "reference model": roles.reference,
+            }
+            where = {name: placement_of(actor) for name, actor in colocated.items()}
+            group = plan.placement_group.id.hex()
+            for name, (_, pg, bundles) in where.items():
+                assert pg == group and bundles == set(shared), (name, where)
+            assert len({node for node, _, _ in where.values()}) == 1, where
+            assert placement_of(roles.policy.group.actors[1])[2] == set(
+                plan.bundles_of(role_id.rank(role_id.POLICY, 1))
+            )
+            trainer.fit()
+        finally:
+            trainer.shutdown()
     finally:
         server.shutdown()
         server.server_close()
