@@ -3,17 +3,27 @@
 Fast: the sweep settings' validation, the results table and its reward/KL front, the CLI parsing.
 Slow: a real 4-trial grid sweep on the tiny model (each trial an RL run with its own actors inside its
 trial's placement group, two trials at a time, ASHA on), then the same call again, which restores the
-finished experiment instead of running anything.
+finished experiment instead of running anything; a 2-trial sweep interrupted (Ctrl-C) while its second
+trial runs, then resumed: the finished trial is not run again, the other goes on from its checkpoint.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from jobs.sweep import parse
+from rlhf_ray.checkpoint import CheckpointManager
 from rlhf_ray.config import ConfigError, RLHFConfig
 from rlhf_ray.data.synthetic import write_task
 from rlhf_ray.metrics import read_metrics
@@ -257,3 +267,86 @@ def test_four_trial_sweep_then_restore(ray_local, tiny_model_dir, task, tmp_path
     ]
     for trial, n in lines.items():
         assert len(read_metrics(tmp_path / "sweep" / "trials" / trial / "metrics.jsonl")) == n
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_interrupted_sweep_resumes_the_running_trial_from_its_checkpoint(
+    ray_local, tiny_model_dir, task, tmp_path
+):
+    """`python -m jobs.sweep` (a driver process of its own on this module's cluster) gets Ctrl-C once its
+    first trial has finished and its second has written a checkpoint. `run_sweep` with the same settings
+    then restores the experiment: the finished trial is not run again (its files are untouched), the
+    interrupted one carries on from its newest checkpoint (the rows up to it are the ones written before
+    the interruption, wall-clock times included) to the last step, and the table has both."""
+    import ray
+
+    from rlhf_ray.trainer.sweep import run_sweep
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = sweep_rl_config(tiny_model_dir, task).with_overrides(["checkpoint.interval=1"])
+    sweep = SweepConfig(
+        output_dir=str(tmp_path / "sweep"),
+        name="r",
+        kl_coef=[0.01],
+        lr=[2e-3, 1e-4],  # two trials, one at a time, in this order
+        asha=False,
+        max_concurrent_trials=1,
+        trial_cpus=0.5,
+        window=2,
+    )
+    (tmp_path / "rl.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(dataclasses.asdict(sweep), sort_keys=False))
+    cmd = [sys.executable, "-m", "jobs.sweep", "--config", str(tmp_path / "rl.yaml")]
+    cmd += ["--sweep", str(tmp_path / "sweep.yaml"), "--address", ray.get_runtime_context().gcs_address]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("RAY_ADDRESS", None)
+    trials = tmp_path / "sweep" / "trials"
+
+    def progress() -> tuple[list[Path], list[Path]]:
+        """(finished trials, unfinished trials with a checkpoint)"""
+        dirs = sorted(trials.glob("*")) if trials.is_dir() else []
+        done = [d for d in dirs if (d / "policy" / "config.json").is_file()]
+        saved = [d for d in dirs if d not in done and CheckpointManager(d / "checkpoints").latest()]
+        return done, saved
+
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 900
+            while not all(progress()):
+                assert proc.poll() is None, (tmp_path / "first.log").read_text()[-5000:]
+                assert time.monotonic() < deadline, "the sweep made no progress in 900 s"
+                time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment's state and returns
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = (tmp_path / "first.log").read_text()
+    assert proc.returncode == 1 and "run the same command to resume it" in output, output[-5000:]
+    (finished,), (cut,) = progress()
+    before = {p: p.read_bytes() for p in sorted(finished.rglob("*")) if p.is_file()}
+    saved_at = int(
+        json.loads((CheckpointManager(cut / "checkpoints").latest() / "manifest.json").read_text())["step"]
+    )
+    assert 1 <= saved_at < TOTAL_STEPS
+    lines = (cut / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= saved_at]
+    assert [json.loads(line)["step"] for line in kept] == list(range(saved_at + 1))  # 0: the evaluation
+
+    result = run_sweep(cfg, sweep)
+    print(result.table)
+    assert result.restored and result.finished
+    assert {r["trial"] for r in result.rows} == {finished.name, cut.name}
+    for r in result.rows:
+        assert r["status"] == "completed" and r["steps"] == TOTAL_STEPS and not r["error"], r
+    # the finished trial did not run again: every file of it is as it was
+    assert {p: p.read_bytes() for p in sorted(finished.rglob("*")) if p.is_file()} == before
+    # the interrupted one resumed from its checkpoint: the rows up to it were not written again (their
+    # wall-clock times are the first run's), each later step appears once, and it ended with its policy
+    lines = (cut / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(TOTAL_STEPS + 1))
+    assert lines[: saved_at + 1] == kept
+    assert (cut / "policy" / "config.json").is_file()
