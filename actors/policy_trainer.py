@@ -85,15 +85,17 @@ class PolicyRank(DeepSpeedRank):
             )
             loss = weights(algo.loss_agg) * pg_loss
             entropy_mean = masked_mean(entropy, mask)
-            if algo.entropy_coef:
+            bonus = {}
+            if algo.entropy_coef:  # the entropy bonus: minus entropy_coef * mean token entropy
                 loss = loss - algo.entropy_coef * weights("token-mean") * entropy_mean
+                bonus["entropy_bonus"] = algo.entropy_coef * entropy_mean.item()
             kl = torch.zeros((), device=logprobs.device)
             if "ref_logprobs" in part:
                 kl = masked_mean(kl_estimate(logprobs, part["ref_logprobs"], algo.kl_estimator), mask)
                 if algo.kl_in == "loss" and kl_coef:
                     loss = loss + kl_coef * weights("token-mean") * kl
             stats = {"policy_loss": stats.pop("pg_loss"), **stats}
-            stats.update(entropy=entropy_mean.item(), kl_loss=kl.item())
+            stats.update(entropy=entropy_mean.item(), kl_loss=kl.item(), **bonus)
             if (
                 source is OldLogprobs.FROM_UPDATE and "rollout_logprobs" in part
             ):  # no scoring pass compared them

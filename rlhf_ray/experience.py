@@ -47,12 +47,15 @@ OLD_LOGPROBS_KEY = "old_logprobs"  # the batch's per-row record of its `OldLogpr
 
 def old_logprobs_source(cfg: RLHFConfig) -> OldLogprobs:
     """`FROM_UPDATE` when `algorithm.old_logprobs=auto`, one optimiser step takes the step's whole batch
-    (ppo_epochs=1, mini_batch_size >= prompts_per_step * samples_per_prompt) and the KL is in the loss
-    (in the reward it must be the policy's own before the update); `SCORED` otherwise."""
+    (ppo_epochs=1, mini_batch_size >= prompts_per_step * samples_per_prompt), the KL is in the loss (in
+    the reward it must be the policy's own before the update) and the sampler's log-probs are the policy's
+    (rollout.top_p=1: under top-p they are those of the truncated distribution, wrong for the KL metric);
+    `SCORED` otherwise."""
     a = cfg.algorithm
     batch = cfg.run.prompts_per_step * cfg.rollout.samples_per_prompt
     one_step = a.ppo_epochs == 1 and a.mini_batch_size >= batch
-    auto = a.old_logprobs == "auto" and one_step and a.kl_in == "loss"
+    plain_sampler = cfg.rollout.top_p == 1.0
+    auto = a.old_logprobs == "auto" and one_step and a.kl_in == "loss" and plain_sampler
     return OldLogprobs.FROM_UPDATE if auto else OldLogprobs.SCORED
 
 

@@ -74,7 +74,7 @@ def test_ppo_policy_loss_hand_values():
     assert stats["ratio_mean"] == pytest.approx(4.1 / 4)
     # k3(old || new) = r - 1 - log r: 0.094535 + 0.193147 + 0 + 0.004690
     assert stats["approx_kl"] == pytest.approx(0.07309297316186401, rel=1e-5)
-    assert stats["ratio_max"] == pytest.approx(1.5)
+    assert stats["ratio_max"] == pytest.approx(1.5) and stats["ratio_min"] == pytest.approx(0.5)
     assert stats["dual_clip_frac"] == 0.0
 
 

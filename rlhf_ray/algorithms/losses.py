@@ -64,7 +64,7 @@ def ppo_policy_loss(
     action cannot blow up the update. The log-ratio is clamped to [-20, 20] before exp.
 
     Returns (loss, stats): stats are `clip_frac` (tokens where the clipped term is the active one),
-    `dual_clip_frac`, `approx_kl` (k3 estimate of KL(old || new), masked mean), `ratio_mean`, `ratio_max`,
+    `dual_clip_frac`, `approx_kl` (k3 estimate of KL(old || new), masked mean), `ratio_mean`, `ratio_max`, `ratio_min`,
     `pg_loss`."""
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(
@@ -91,6 +91,7 @@ def ppo_policy_loss(
             "approx_kl": masked_mean(kl_estimate(old_logprobs, logprobs, "k3"), mask).item(),
             "ratio_mean": masked_mean(ratio, mask).item(),
             "ratio_max": ratio[valid].max().item() if bool(valid.any()) else 0.0,
+            "ratio_min": ratio[valid].min().item() if bool(valid.any()) else 0.0,
             "pg_loss": loss.item(),
         }
     return loss, stats
