@@ -19,8 +19,11 @@ from rlhf_ray.trainer.pipeline import STAGES, stage_configs, stage_keys
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "jobs" / "configs" / "tiny.yaml")
 
-# A pipeline small enough for the test suite: 1,500 demonstrations, 2 SFT epochs (greedy gold ~0.6), 800
-# preference prompts, a few RL steps.
+# A pipeline small enough for the test suite: 1,500 demonstrations, 2 SFT epochs, 800 preference prompts,
+# a few RL steps. Measured (seeded; CPU, 2 cores): SFT held-out loss 2.87 -> 0.98, greedy gold 0.478;
+# 781 pairs, reward model held-out accuracy 0.577 (45 of 78 pairs; eval loss 0.700 vs 0.693 at the start:
+# two epochs barely train it); RL gold +0.023 +- 0.015, reward +0.031 +- 0.028: verdict no_gain (the full
+# demo, docs/DEMO.md, gives 'improved'); RL KL (k1, 48 samples) -0.015.
 SHORT = [
     "pipeline.n_demos=1500",
     "pipeline.n_train_prompts=800",
@@ -61,13 +64,16 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, capsys):
     assert set(on_disk["seconds"]) == {*STAGES, "total"}
     assert all(on_disk["stages"][s]["status"] == "ran" for s in STAGES)
     assert on_disk["seconds"]["total"] == pytest.approx(sum(on_disk["seconds"][s] for s in STAGES), abs=0.1)
-    assert on_disk["verdict"] in ("improved", "reward_hacking", "no_gain")
+    # the shortened run's reward model is weak and RL runs 6 steps: neither score rises by 3 s.e. (gold
+    # +1.5 s.e., reward +1.1 s.e. measured), far from either threshold
+    assert on_disk["verdict"] == "no_gain", (on_disk["gain"], on_disk["verdict_text"])
     assert on_disk["eval_prompts"] == 48
     # SFT learned the task from a random model (a random model's answers score ~0); the SFT policy's KL to
     # itself is ~0: the sampler's log-probs and the reference engine's scores line up token for token
     assert on_disk["sft"]["gold_greedy"] > 0.3, on_disk["sft"]
     assert abs(on_disk["sft"]["kl"]) < 0.02, on_disk["sft"]
-    assert on_disk["rl"]["kl"] > -0.05  # k1 over 48 samples: noisy around a small KL
+    # k1 over 48 samples: noisy around a small true KL (measured -0.015; the training batches' k3: 0.005)
+    assert -0.04 < on_disk["rl"]["kl"] < 0.1, on_disk["rl"]
     assert on_disk["rl_training"]["steps"] == 6
     # the report's evaluation samples the trainer's held-out prompts with its seeds: the RL curve's first
     # and last held-out gold are the SFT and RL policies' figures
@@ -81,7 +87,10 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, capsys):
     pairs = [json.loads(line) for line in (out / "preferences" / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) > 100 and set(pairs[0]) == {"prompt", "chosen", "rejected"}
     rm = json.loads((out / "stages" / "reward_model.json").read_text())["result"]
-    assert rm["init"] == str(out / "sft") and rm["eval/accuracy"] > 0.5, rm
+    # above chance (0.5, what the untrained head scores): > 0.55 is 43 or more of the 78 held-out pairs, 4
+    # above chance (45 measured)
+    assert rm["init"] == str(out / "sft"), rm
+    assert rm["eval/accuracy_initial"] == 0.5 and rm["eval/accuracy"] > 0.55, rm
     rl_config = yaml.safe_load((out / "rl" / "config.yaml").read_text())
     assert rl_config["model"]["policy_path"] == str(out / "sft")
     assert rl_config["model"]["reward_path"] == str(out / "reward_model")
