@@ -116,6 +116,7 @@ class _Sleeper:
         return seconds
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_waits_end_at_the_deadline_and_name_the_role(ray_local):
     """No hang: a role that does not answer fails the wait at `run.call_timeout_s`, naming the role; a
