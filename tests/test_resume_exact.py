@@ -9,8 +9,9 @@ One uninterrupted reference run (module fixture) is compared with three interrup
 - the same stopped run finished by the job's own entry point (`python -m jobs.ppo`, a new driver
   process joining the cluster, as a resubmitted `ray job submit` would);
 - a policy rank killed after step 3: recovery rolls the run back to step 2 and does steps 3-4 again.
-The config uses the adaptive KL controller with the penalty in the reward and the reward normaliser, so
-both change the advantages and a resume that lost either would show.
+The config uses the adaptive KL controller with the penalty in the reward and the reward normaliser (both
+change the advantages), several shuffled mini-batches per step and a learning-rate warm-up, so a resume
+that lost any of that state would show.
 """
 
 from __future__ import annotations
@@ -65,8 +66,13 @@ def resume_config(model_dir, task, out):
             "kl_horizon": KL_HORIZON,
             "kl_in": "reward",  # the coefficient enters the advantages (not only a loss term)
             "normalize_reward": True,
-            "mini_batch_size": 32,
+            # 2 epochs of 2 mini-batches: 4 optimiser steps per RL step, in an order each rank draws from
+            # (seed, its call count, epoch), under a warm-up that spans the run: the shuffle position and
+            # the scheduler's state matter after a resume too
+            "ppo_epochs": 2,
+            "mini_batch_size": 16,
         },
+        trainer={"num_ranks": 2, "zero_stage": 2, "lr": 2e-3, "micro_batch_size": 8, "warmup_steps": 16},
         run={"total_steps": STEPS, "eval_prompts": 8, "eval_interval": INTERVAL, "seed": 3},
         checkpoint={"interval": INTERVAL, "keep_last": 2},
         logging={"progress_bar": False, "tensorboard": False},
