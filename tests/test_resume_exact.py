@@ -30,6 +30,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from rlhf_ray import batch as batch_module
 from rlhf_ray.data.synthetic import write_task
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.trainer.ppo import STATE_FILE, PPOTrainer
@@ -89,9 +90,12 @@ def train(cfg, on_step=None) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(ray_local, tiny_model_dir, task, tmp_path_factory) -> Path:
-    """The uninterrupted run: its output dir."""
+    """The uninterrupted run: its output dir. The driver moved references only: no Batch was ever
+    deserialised in this process."""
     out = tmp_path_factory.mktemp("reference")
+    before = batch_module.REBUILDS["count"]
     train(resume_config(tiny_model_dir, task, out))
+    assert batch_module.REBUILDS["count"] == before
     return out
 
 
