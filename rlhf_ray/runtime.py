@@ -12,15 +12,37 @@ import torch
 PROJECT_CACHE_ENV = "RLHF_RAY_CACHE"
 
 
+def assigned_gpus() -> list[int] | None:
+    """The GPU ids Ray gave this process when it is a Ray actor (empty: it asked for none), None otherwise
+    (a driver, a test, a script outside Ray: those use what the machine shows)."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None
+    return [int(g) for g in ray.get_gpu_ids()]
+
+
 def has_gpu() -> bool:
-    return torch.cuda.is_available()
+    """Whether this process computes on a GPU: a Ray actor only with GPUs of its own (a role given
+    `num_gpus=0` runs on the CPU even on a GPU node), anything else when CUDA is available."""
+    return choose_device(assigned_gpus(), torch.cuda.is_available(), 0, 1).type == "cuda"
+
+
+def choose_device(
+    gpu_ids: list[int] | None, cuda_available: bool, local_rank: int, visible: int
+) -> torch.device:
+    """The device of a process from what it was given: the CPU without CUDA or when Ray gave it no GPU;
+    else CUDA device `local_rank` among the `visible` ones (Ray sets CUDA_VISIBLE_DEVICES to the actor's
+    own GPUs, so a rank with one GPU is always cuda:0 in its process)."""
+    if not cuda_available or gpu_ids == [] or visible < 1:
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % visible)
 
 
 def device() -> torch.device:
-    if has_gpu():
-        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return choose_device(assigned_gpus(), cuda, local_rank, torch.cuda.device_count() if cuda else 0)
 
 
 def dist_backend() -> str:
@@ -75,9 +97,22 @@ def setup_process_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in the actor's own process
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs every weight reload at INFO
-    if not has_gpu():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    accelerator = ds_accelerator(has_gpu(), os.environ.get("DS_ACCELERATOR"))
+    if accelerator is None:
+        os.environ.pop("DS_ACCELERATOR", None)
+    else:
+        os.environ["DS_ACCELERATOR"] = accelerator
     clear_stale_extension_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
+
+
+def ds_accelerator(gpu: bool, current: str | None) -> str | None:
+    """DeepSpeed's accelerator (`DS_ACCELERATOR`) for a process with or without a GPU of its own: 'cpu'
+    without one; with one, whatever the user set, except an inherited 'cpu' (None: DeepSpeed detects
+    CUDA). It follows the process's own resources, never another process's: a driver on a CPU-only head
+    must not turn GPU ranks into CPU ranks, so `runtime_env_vars` never forwards it."""
+    if not gpu:
+        return "cpu"
+    return None if current == "cpu" else current
 
 
 def clear_stale_extension_locks(extensions_dir: Path, min_age_s: float = 120.0) -> list[Path]:
@@ -113,6 +148,5 @@ def runtime_env_vars() -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED",
         "VLLM_ENABLE_V1_MULTIPROCESSING",
         "VLLM_LOGGING_LEVEL",
-        "DS_ACCELERATOR",
     ]
     return {k: os.environ[k] for k in keys if k in os.environ}
