@@ -237,8 +237,9 @@ class DeepSpeedRank:
 
     def _train(self, batch: Batch, micro_loss: MicroLoss) -> dict[str, float]:
         """`plan.epochs` passes over this rank's shard in shuffled (seeded) mini-batches of
-        `plan.mini_batch_size // world` sequences, one optimiser step each, accumulated over micro-batches. Returns token-weighted means of the micro-batch stats (extremes for `*_max`/`*_min`), and the
-        mean `grad_norm` and `lr` of the optimiser steps."""
+        `plan.mini_batch_size // world` sequences, one optimiser step each, accumulated over micro-batches.
+        Returns token-weighted means of the micro-batch stats (extremes for `*_max`/`*_min`), and the mean
+        `grad_norm` and `lr` of the optimiser steps."""
         if len(batch) == 0:
             raise ValueError("train: the batch is empty")
         self.engine.train()

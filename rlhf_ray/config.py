@@ -42,6 +42,14 @@ def _require(key: str, value: Any, ok: bool, allowed: str) -> None:
 # the rules that span sections are in `RLHFConfig.validate`.
 
 
+def _check_subsections(section: Any, prefix: str) -> None:
+    """The checks of every field of `section` that is itself a section, in field order."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            value.check(f"{prefix}{f.name}.")
+
+
 @dataclass
 class ModelConfig:
     policy_path: str = ""  # HF directory of the initial policy (the SFT model in stage 4)
@@ -243,8 +251,7 @@ class PlacementConfig:
     reward: RoleResources = field(default_factory=RoleResources)  # the reward model or scorer
 
     def check(self, prefix: str) -> None:
-        for role in ("policy", "critic", "rollout", "reference", "reward"):
-            getattr(self, role).check(f"{prefix}{role}.")
+        _check_subsections(self, prefix)
 
 
 @dataclass
@@ -343,7 +350,7 @@ class OfflineStageConfig:
         _require(p + "lr", self.lr, self.lr is None or self.lr > 0, "null (trainer.lr) or a number > 0")
         _require(p + "beta", self.beta, self.beta > 0, "a number > 0")
         # the loader checks the Literal; the jobs' --loss-type flag (and code) can set any value
-        choices = ("sigmoid", "ipo")
+        choices = typing.get_args(typing.get_type_hints(OfflineStageConfig)["loss_type"])
         if self.loss_type not in choices:
             raise ConfigError(f"{p}loss_type={self.loss_type!r} is not allowed: choose one of {choices}")
 
@@ -355,8 +362,7 @@ class OfflineConfig:
     dpo: OfflineStageConfig = field(default_factory=OfflineStageConfig)  # DPO instead of stages 3 and 4
 
     def check(self, prefix: str) -> None:
-        for stage in ("sft", "reward_model", "dpo"):
-            getattr(self, stage).check(f"{prefix}{stage}.")
+        _check_subsections(self, prefix)
 
 
 @dataclass
@@ -449,8 +455,7 @@ class RLHFConfig:
     def validate(self) -> None:
         """Each section's own checks, in field order, then the rules across sections; types were checked
         while building."""
-        for f in dataclasses.fields(self):
-            getattr(self, f.name).check(f"{f.name}.")
+        _check_subsections(self, "")
         algo, rollout = self.algorithm, self.rollout
         if algo.estimator in ("grpo", "rloo") and rollout.samples_per_prompt < 2:
             raise ConfigError(

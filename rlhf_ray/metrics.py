@@ -8,13 +8,14 @@ import json
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rlhf_ray.config import LoggingConfig
 
 
-def extreme(key: str) -> Any:
+def extreme(key: str) -> Callable[..., float] | None:
     """How values of the statistic `key` combine over micro-batches and ranks: `max` for keys named
     `*_max`, `min` for `*_min`, None for the rest (they are averaged, weighted where the caller knows by
     what)."""

@@ -93,6 +93,7 @@ class PPOTrainer:
         self.out = writable_dir(cfg.run.output_dir, "run.output_dir")
         ckpt_dir = writable_dir(cfg.checkpoint.dir or self.out / "checkpoints", "checkpoint.dir")
         self.group = cfg.rollout.samples_per_prompt
+        self.old_logprobs = old_logprobs_source(cfg)  # whether each step scores them before the update
         tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.policy_path, cfg.data.chat_template)
         records = load_records(cfg.data.train_path, [cfg.data.prompt_field])
         self.prompts = PromptSource(records, tokenizer, cfg.data, seed=cfg.run.seed)
@@ -274,7 +275,7 @@ class PPOTrainer:
             role_id.REFERENCE: roles.reference.logprobs.remote(rollout),
             role_id.REWARD: roles.reward.score.remote(rollout),
         }
-        if old_logprobs_source(cfg) is OldLogprobs.SCORED:  # else the update's own forward gives them
+        if self.old_logprobs is OldLogprobs.SCORED:  # else the update's own forward gives them
             scoring[role_id.POLICY] = roles.policy.compute_logprobs(rollout)
         if roles.critic is not None:
             scoring[role_id.CRITIC] = roles.critic.compute_values(rollout)
