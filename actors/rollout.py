@@ -66,7 +66,7 @@ class VLLMGenerator:
             dtype=str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
             enforce_eager=True,
             max_model_len=self.max_model_len,
-            kv_cache_memory_bytes=int(cfg.rollout.kv_cache_gib * 2**30),
+            kv_cache_memory_bytes=int((cfg.rollout.kv_cache_gib or 1.0) * 2**30),
             enable_prefix_caching=cfg.rollout.enable_prefix_caching,
             tensor_parallel_size=cfg.rollout.tensor_parallel_size,
             seed=cfg.run.seed,

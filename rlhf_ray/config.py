@@ -94,9 +94,24 @@ class RolloutConfig:
     top_p: float = 1.0  # nucleus sampling: keep the smallest token set of this probability
     max_new_tokens: int = 64  # longest sampled response, in tokens
     samples_per_prompt: int = 4  # responses per prompt (GRPO/RLOO compare them; >= 2 there)
-    kv_cache_gib: float = 1.0  # cap on the vLLM KV cache (GiB); on CPU it comes out of system memory
+    # vLLM KV cache (GiB); null: 1 GiB on CPU (out of system memory), on GPU what gpu_memory_utilization leaves
+    kv_cache_gib: float | None = None
+    # GPU memory share one engine may take (weights + KV cache; vLLM demands it free at start-up); null: 0.85
+    # on GPUs of its own, 0.4 when colocated with the trainer (rlhf_ray.engine_args)
+    gpu_memory_utilization: float | None = None
+    enforce_eager: bool | None = None  # no CUDA graphs; null: true on CPU, false on GPU
+    max_num_seqs: int | None = None  # most sequences one engine step batches; null: vLLM's default
+    max_num_batched_tokens: int | None = None  # most tokens one engine step batches; null: vLLM's default
+    # per_sample: each sample its own seed (the same responses however vLLM batches them, but vLLM's slower
+    # per-request sampling path); per_call: one seed per engine and call; auto: per_sample on CPU, per_call on GPU
+    sampling_seeds: Literal["auto", "per_sample", "per_call"] = "auto"
+    # free the engines' GPU memory (vLLM sleep mode) while the trainer works; null: when colocated on GPUs
+    sleep: bool | None = None
     enable_prefix_caching: bool = True  # the samples of one prompt share its KV cache
-    weight_sync: Literal["object_store", "broadcast"] = "object_store"  # how new weights reach the engines
+    # how new weights reach the engines; auto: broadcast when the policy has GPUs of its own (separate
+    # placement), else object_store (rlhf_ray.trainer.weight_sync.weight_sync_kind)
+    weight_sync: Literal["auto", "object_store", "broadcast"] = "auto"
+    weight_bucket_mb: float = 64.0  # weights travel (and ZeRO-3 gathers them) in buckets of this size
 
     def check(self, prefix: str) -> None:
         p = prefix
@@ -113,7 +128,41 @@ class RolloutConfig:
         _require(
             p + "samples_per_prompt", self.samples_per_prompt, self.samples_per_prompt >= 1, "an integer >= 1"
         )
-        _require(p + "kv_cache_gib", self.kv_cache_gib, self.kv_cache_gib > 0, "a number > 0")
+        _require(
+            p + "kv_cache_gib",
+            self.kv_cache_gib,
+            self.kv_cache_gib is None or self.kv_cache_gib > 0,
+            "null or > 0",
+        )
+        _require(
+            p + "gpu_memory_utilization",
+            self.gpu_memory_utilization,
+            self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
+            "null or a number in (0, 1]",
+        )
+        _require(
+            p + "max_num_seqs",
+            self.max_num_seqs,
+            self.max_num_seqs is None or self.max_num_seqs >= 1,
+            "null or >= 1",
+        )
+        _require(
+            p + "max_num_batched_tokens",
+            self.max_num_batched_tokens,
+            self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+            "null or an integer >= 1",
+        )
+        _require(p + "weight_bucket_mb", self.weight_bucket_mb, self.weight_bucket_mb > 0, "a number > 0")
+        if self.tensor_parallel_size > 1:
+            # vLLM's Ray executor would need the TP workers placed on bundles of their own and every weight
+            # update sent to each of them (collective_rpc); until the engine does that, say so up front
+            raise ConfigError(
+                f"{p}tensor_parallel_size={self.tensor_parallel_size}: tensor-parallel engines are not supported "
+                f"yet (weights are reloaded in the engine's own process); use {p}tensor_parallel_size=1 and "
+                f"more engines ({p}num_engines) instead, each holding the whole model"
+            )
+        if self.sleep and self.engine != "vllm":
+            raise ConfigError(f"{p}sleep=true needs {p}engine=vllm (sleep mode is vLLM's); set {p}sleep=null")
 
 
 @dataclass
@@ -202,6 +251,11 @@ class TrainerConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
     offload_optimizer: bool = False  # ZeRO: optimiser state in CPU memory
     offload_params: bool = False  # ZeRO-3: parameters in CPU memory
+    # colocated on GPUs: move the optimizer states (and, with offload_params, the parameters) to CPU memory
+    # while the engines generate, and back for the update
+    offload_during_rollout: bool = False
+    # ZeRO-3: parameters below this many elements stay whole on every rank (norms, biases)
+    param_persistence_threshold: int = 4096
 
     def check(self, prefix: str) -> None:
         p = prefix
@@ -213,6 +267,12 @@ class TrainerConfig:
         _require(p + "grad_clip", self.grad_clip, self.grad_clip >= 0, "a number >= 0 (0: off)")
         _require(p + "micro_batch_size", self.micro_batch_size, self.micro_batch_size >= 1, "an integer >= 1")
         _require(p + "grad_accum", self.grad_accum, self.grad_accum >= 1, "an integer >= 1")
+        _require(
+            p + "param_persistence_threshold",
+            self.param_persistence_threshold,
+            self.param_persistence_threshold >= 0,
+            "an integer >= 0",
+        )
 
 
 @dataclass
@@ -226,11 +286,18 @@ class RoleResources:
     # train, sync), so on one node each may use all the cores that the others leave idle meanwhile while
     # Ray still reserves num_cpus (e.g. num_threads = the node's cores).
     num_threads: int | None = None
+    # reference and reward only: actors of the role, each scoring a slice of the batch (the trainer's and the
+    # engines' counts are trainer.num_ranks and rollout.num_engines)
+    num_actors: int = 1
+    # a model role with num_gpus=0 on a cluster with GPUs is refused (it would compute on the CPU); true:
+    # on the CPU on purpose
+    allow_cpu: bool = False
 
     def check(self, prefix: str) -> None:
         p = prefix
         _require(p + "num_cpus", self.num_cpus, self.num_cpus >= 0, "a number >= 0")
         _require(p + "num_gpus", self.num_gpus, self.num_gpus >= 0, "a number >= 0")
+        _require(p + "num_actors", self.num_actors, self.num_actors >= 1, "an integer >= 1")
         _require(
             p + "num_threads",
             self.num_threads,
@@ -252,6 +319,17 @@ class PlacementConfig:
 
     def check(self, prefix: str) -> None:
         _check_subsections(self, prefix)
+        for role, count in (
+            ("policy", "trainer.num_ranks"),
+            ("critic", "trainer.num_ranks"),
+            ("rollout", "rollout.num_engines"),
+        ):
+            n = getattr(self, role).num_actors
+            if n != 1:
+                raise ConfigError(
+                    f"{prefix}{role}.num_actors={n}: only the reference and the reward come in groups of actors; "
+                    f"the number of {role} actors is {count}"
+                )
 
 
 @dataclass
@@ -468,6 +546,18 @@ class RLHFConfig:
             raise ConfigError(
                 f"algorithm.mini_batch_size={algo.mini_batch_size} is larger than the batch of one step "
                 f"(run.prompts_per_step * rollout.samples_per_prompt = {batch}); set it to {batch} or less"
+            )
+        place = self.placement
+        if place.mode == "colocate" and rollout.weight_sync == "broadcast" and place.policy.num_gpus > 0:
+            raise ConfigError(
+                "rollout.weight_sync='broadcast' with placement.mode='colocate' on GPUs would put policy rank 0 "
+                "and an engine, two ranks of one NCCL group, on one GPU, which NCCL refuses: use "
+                "rollout.weight_sync=object_store (or auto) when colocated, or placement.mode=separate"
+            )
+        if self.trainer.offload_during_rollout and place.mode != "colocate":
+            raise ConfigError(
+                "trainer.offload_during_rollout=true only helps when the engines share the trainer's GPUs "
+                "(placement.mode=colocate); set it to false, or placement.mode=colocate"
             )
         if algo.mini_batch_size % self.trainer.num_ranks:
             raise ConfigError(

@@ -46,6 +46,17 @@ class BroadcastSync:
         wait_for(calls, self.timeout)
 
 
+def weight_sync_kind(cfg: RLHFConfig) -> str:
+    """The transport `rollout.weight_sync` names; `auto`: the broadcast (NCCL, in buckets) when the policy
+    ranks have GPUs of their own, the object store (portable, host memory) otherwise: on CPU, and when the
+    engines share the policy's GPUs (two ranks of one NCCL group cannot share a GPU)."""
+    chosen = cfg.rollout.weight_sync
+    if chosen != "auto":
+        return chosen
+    own_gpus = cfg.placement.policy.num_gpus > 0 and cfg.placement.mode == "separate"
+    return "broadcast" if own_gpus else "object_store"
+
+
 def make_weight_sync(cfg: RLHFConfig, roles: Roles) -> ObjectStoreSync | BroadcastSync:
-    kind = {"object_store": ObjectStoreSync, "broadcast": BroadcastSync}[cfg.rollout.weight_sync]
+    kind = {"object_store": ObjectStoreSync, "broadcast": BroadcastSync}[weight_sync_kind(cfg)]
     return kind(roles, cfg.run.call_timeout_s)
