@@ -151,6 +151,7 @@ class DeepSpeedRank:
         """Join the torch.distributed world and build the engine (collective: all ranks at once)."""
         # Not LOCAL_SIZE: with LOCAL_SIZE == world, DeepSpeed's CPU backend maps a 66 MB /dev/shm buffer per
         # rank (for inference all-reduce, unused in training) that outlives a killed actor.
+        local_rank = runtime.device_local_rank(runtime.assigned_gpus(), local_rank)
         os.environ.update(LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local_size))
         import deepspeed  # after setup_process_env: DS_ACCELERATOR and TORCH_EXTENSIONS_DIR are read on import
 

@@ -39,6 +39,14 @@ def choose_device(
     return torch.device("cuda", local_rank % visible)
 
 
+def device_local_rank(gpu_ids: list[int] | None, node_local_rank: int) -> int:
+    """The `LOCAL_RANK` a trainer rank's process must carry: DeepSpeed takes it as a CUDA device index
+    (`zero.Init` places parameters on `cuda:LOCAL_RANK`). Ray shows a GPU actor only its own GPUs
+    (CUDA_VISIBLE_DEVICES), so there the index is 0, whatever the rank's place on its node; a process
+    outside Ray, or on the CPU, keeps its place on the node (as OpenRLHF does)."""
+    return 0 if gpu_ids else node_local_rank
+
+
 def device() -> torch.device:
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
