@@ -187,6 +187,7 @@ def borrowed_offset(pg: PlacementGroup, bundles: list[dict[str, float]]) -> int:
 def plan_placement(cfg: RLHFConfig, need_critic: bool | None = None, timeout_s: float = 300.0) -> RolePlan:
     """Reserve the roles' bundles (a new placement group, or the current Tune trial's) and return the
     `.options()` of every actor."""
+    check_model_roles_have_gpus(cfg, ray.cluster_resources().get("GPU", 0.0), need_critic)
     bundles, slots = layout(cfg, need_critic)
     current = get_current_placement_group()
     if current is not None:
@@ -220,3 +221,38 @@ def _new_group(cfg: RLHFConfig, bundles: list[dict[str, float]], timeout_s: floa
             f"(placement.strategy={cfg.placement.strategy}): free resources, add nodes or try strategy PACK"
         )
     return pg
+
+
+def model_roles(cfg: RLHFConfig, need_critic: bool | None = None) -> list[str]:
+    """The roles that run a neural network (and so want a GPU when the cluster has them): the policy, the
+    engines, the reference, the critic when one is trained, the reward when it is a model."""
+    if need_critic is None:
+        need_critic = needs_critic(cfg)
+    roles = ["policy", "rollout", "reference"]
+    if need_critic:
+        roles.append("critic")
+    if cfg.reward.kind == "model":
+        roles.append("reward")
+    return roles
+
+
+def check_model_roles_have_gpus(
+    cfg: RLHFConfig, cluster_gpus: float, need_critic: bool | None = None
+) -> None:
+    """On a cluster with GPUs, a model role given none would quietly compute on the CPU (Ray gives a
+    `num_gpus=0` actor no GPU, and the role then runs there): refuse it, naming the key, unless the user
+    set `placement.<role>.allow_cpu`. In colocate mode the engines and the reference ride on the policy's
+    bundles, so only the policy's (and the critic's, reward's) own settings count."""
+    if cluster_gpus <= 0:
+        return
+    own = {"policy", "critic", "reward"} if cfg.placement.mode == "colocate" else None
+    for role in model_roles(cfg, need_critic):
+        if own is not None and role not in own:
+            continue
+        res: RoleResources = getattr(cfg.placement, role)
+        if res.num_gpus == 0 and not res.allow_cpu:
+            raise PlacementError(
+                f"placement.{role}.num_gpus=0 on a cluster with {cluster_gpus:g} GPUs: the {role} would run on "
+                f"the CPU. Give it GPUs (placement.{role}.num_gpus=1, or a fraction to share one), or set "
+                f"placement.{role}.allow_cpu=true to run it on the CPU on purpose"
+            )
