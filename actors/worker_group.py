@@ -38,6 +38,12 @@ def _port_taken(exc: BaseException) -> bool:
     return "address already in use" in text or "eaddrinuse" in text
 
 
+def node_local_ranks(nodes: list[str]) -> list[tuple[int, int]]:
+    """(place among the ranks on its node, ranks on that node) of each rank, given each rank's node id:
+    ranks 0-7 of a node with 8 ranks, whatever the order Ray placed them in."""
+    return [(nodes[:r].count(n), nodes.count(n)) for r, n in enumerate(nodes)]
+
+
 class WorkerGroupError(RuntimeError):
     """A rank failed, or the group did not answer in time."""
 
@@ -143,7 +149,7 @@ class WorkerGroup:
             opts = options_per_rank[rank]
             self.actors.append(actor_cls.options(**opts).remote(cfg, rank, num_ranks, addr, port))
         nodes = wait_all(self.call("node_id"), init_timeout, "starting the ranks")
-        local = [(nodes[:r].count(n), nodes.count(n)) for r, n in enumerate(nodes)]
+        local = node_local_ranks(nodes)
         refs = [a.init.remote(lr, ls) for a, (lr, ls) in zip(self.actors, local)]
         wait_all(refs, init_timeout, "initialising torch.distributed and the DeepSpeed engines")
 
