@@ -1,6 +1,6 @@
 """The glue worker: one long-lived actor that combines the roles' outputs inside the cluster (joins the
-engines' rollouts and the ranks' shards, makes the experience, scores evaluations), so the driver holds
-only refs. It lives here, below both the worker groups that join shards on it and the RL driver.
+engines' rollouts and the ranks' shards, slices a rollout for the reference and reward actors and joins
+their answers, makes the experience, scores evaluations), so the driver holds only refs. It lives here, below both the worker groups that join shards on it and the RL driver.
 
 The combinations run on one actor, not as Ray tasks: a task needs an idle
 worker process, and on a cluster whose CPUs are all reserved by the roles Ray stops idle task workers
@@ -81,6 +81,15 @@ class GlueWorker:
 
     def concat(self, *batches: Batch) -> Batch:
         return concat_batches(*batches)
+
+    def split(self, batch: Batch, n: int) -> list[Batch]:
+        """`n` contiguous slices of `batch` in order (`Batch.split`; some empty when `n > len(batch)`), one
+        per scoring actor; the caller sets `num_returns=n`, so each slice is its own object."""
+        return batch.split(n)
+
+    def join(self, *parts: Batch) -> Batch:
+        """The scoring actors' answers on the slices, back in one batch in slice order."""
+        return Batch.concat(parts)
 
     @ray.method(num_returns=3)
     def experience(self, *args: Any) -> tuple[Batch, dict[str, float], RewardNormalizer | None]:

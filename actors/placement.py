@@ -2,10 +2,14 @@
 `cfg.placement`, and the `.options()` each actor is created with.
 
 - `separate` (default): every actor has its own bundle (policy and critic ranks, rollout engines,
-  reference, reward).
-- `colocate`: rollout engine i and the reference share the bundle of policy rank i, each taking an equal
-  fraction of it (on GPUs: one device shared by trainer, vLLM and reference); critic and reward stay
-  separate.
+  reference actors, reward actors).
+- `colocate`: rollout engine i and reference actor i share the bundle of policy rank i, each taking an
+  equal fraction of it (on GPUs: one device shared by trainer, vLLM and reference); engines and reference
+  actors beyond the ranks, the critic and the reward actors have bundles of their own.
+
+The reference and the reward are groups of `placement.<role>.num_actors` actors (one by default), each
+scoring a contiguous slice of the batch (`rlhf_ray.trainer.scoring`), so a big batch is scored on several
+devices at once.
 
 A 1-node CPU run and a multi-node GPU run differ only in `cfg.placement`. Demands larger than the cluster
 fail here, before any actor waits forever for resources.
@@ -42,20 +46,20 @@ class RolePlan:
     policy: list[dict[str, Any]] = field(default_factory=list)
     critic: list[dict[str, Any]] = field(default_factory=list)
     rollout: list[dict[str, Any]] = field(default_factory=list)
-    reference: dict[str, Any] = field(default_factory=dict)
-    reward: dict[str, Any] = field(default_factory=dict)
+    reference: list[dict[str, Any]] = field(default_factory=list)  # one per reference actor
+    reward: list[dict[str, Any]] = field(default_factory=list)  # one per reward actor
     placement_group: PlacementGroup | None = None
     owned: bool = True  # False: the group of the Tune trial we run in; its owner removes it
 
     def options_of(self, role: RoleId) -> list[dict[str, Any]]:
-        """The `.options()` of the actors of `role`: one per rank of a trainer, one for an engine."""
-        if role.kind is RoleKind.ROLLOUT:
-            return self.rollout if role.index is None else [self.rollout[role.index]]
+        """The `.options()` of the actors of `role`: all of the role's (index None), or the one actor of
+        that index (a trainer's rank, an engine, a reference or reward actor)."""
         by_kind = {
             RoleKind.POLICY: self.policy,
             RoleKind.CRITIC: self.critic,
-            RoleKind.REFERENCE: [self.reference],
-            RoleKind.REWARD: [self.reward],
+            RoleKind.ROLLOUT: self.rollout,
+            RoleKind.REFERENCE: self.reference,
+            RoleKind.REWARD: self.reward,
         }
         options = by_kind[role.kind]
         return options if role.index is None else [options[role.index]]
@@ -120,6 +124,7 @@ def layout(
         need_critic = needs_critic(cfg)
     p = cfg.placement
     n_ranks, n_engines = cfg.trainer.num_ranks, cfg.rollout.num_engines
+    n_reference, n_reward = p.reference.num_actors, p.reward.num_actors
     bundles: list[dict[str, float]] = []
     slots: dict[str, list[Slot]] = {r: [] for r in ("policy", "critic", "rollout", "reference", "reward")}
 
@@ -130,23 +135,24 @@ def layout(
     if p.mode == "separate":
         slots["policy"] = [own(p.policy) for _ in range(n_ranks)]
         slots["rollout"] = [own(p.rollout) for _ in range(n_engines)]
-        slots["reference"] = [own(p.reference)]
+        slots["reference"] = [own(p.reference) for _ in range(n_reference)]
     else:
         shared = [own(p.policy)[0] for _ in range(n_ranks)]
         members: dict[int, list[str]] = {i: ["policy"] for i in shared}
-        for e in range(n_engines):
-            if e < n_ranks:
-                members[shared[e]].append("rollout")
-            else:
-                slots["rollout"].append(own(p.rollout))
-        members[shared[0]].append("reference")
+        for role, count, res in (("rollout", n_engines, p.rollout), ("reference", n_reference, p.reference)):
+            for i in range(count):  # actor i shares rank i's bundle; those beyond the ranks get their own
+                if i < n_ranks:
+                    members[shared[i]].append(role)
+                else:
+                    slots[role].append(own(res))
         for idx, roles in members.items():
             for role in roles:
                 slots[role].append((idx, 1.0 / len(roles), p.policy))
-        slots["rollout"].sort(key=lambda s: s[0])
+        for role in ("rollout", "reference"):  # actor order: the shared bundles come first
+            slots[role].sort(key=lambda s: s[0])
     if need_critic:
         slots["critic"] = [own(p.critic) for _ in range(n_ranks)]
-    slots["reward"] = [own(p.reward)]
+    slots["reward"] = [own(p.reward) for _ in range(n_reward)]
     return bundles, slots
 
 
@@ -202,8 +208,8 @@ def plan_placement(cfg: RLHFConfig, need_critic: bool | None = None, timeout_s: 
         policy=options("policy"),
         critic=options("critic"),
         rollout=options("rollout"),
-        reference=options("reference")[0],
-        reward=options("reward")[0],
+        reference=options("reference"),
+        reward=options("reward"),
         placement_group=pg,
         owned=owned,
     )

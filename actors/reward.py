@@ -46,6 +46,10 @@ class RewardModel:
         return True
 
     def score(self, batch: Batch) -> Batch:
+        """`scores` of the batch's rows, in order. An empty batch (the slice of a reward actor that has
+        more actors than the batch has rows) scores nothing, without asking the scorer."""
+        if len(batch) == 0:
+            return Batch({"scores": torch.zeros(0, dtype=torch.float32)})
         if self.kind == "model":
             scores = self._model_scores(batch)
         else:

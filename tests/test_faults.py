@@ -77,7 +77,7 @@ def test_engine_and_rank_deaths_are_survived_then_the_run_gives_up(ray_local, ti
             kill(roles.policy.group.actors[1])
         elif step == 5 and "reward" not in killed:  # a third failure: past run.max_restarts=2
             killed.append("reward")
-            kill(roles.reward)
+            kill(roles.reward[0])
 
     try:
         with pytest.raises(RecoveryError) as info:

@@ -80,8 +80,8 @@ def test_roles_run_where_the_config_pins_them(cluster, tiny_model_dir, tmp_path)
             "policy rank 0": policy_nodes[0],
             "policy rank 1": policy_nodes[1],
             "rollout engine": node_of(roles.engines[0]),
-            "reference": node_of(roles.reference),
-            "reward": node_of(roles.reward),
+            "reference": node_of(roles.reference[0]),
+            "reward": node_of(roles.reward[0]),
         }
         summary = trainer.fit()
     finally:

@@ -156,8 +156,8 @@ def test_a_node_removed_mid_run_is_survived_once_a_replacement_joins(
             raise result["error"]
         placed = {
             "rollout engine": node_of(trainer.roles.engines[0]),
-            "reference": node_of(trainer.roles.reference),
-            "reward": node_of(trainer.roles.reward),
+            "reference": node_of(trainer.roles.reference[0]),
+            "reward": node_of(trainer.roles.reward[0]),
         }
     finally:
         roles_log.removeHandler(waiting)

@@ -48,6 +48,49 @@ def test_colocate_shares_policy_bundles():
             assert res.num_gpus * share <= bundles[idx]["GPU"]
 
 
+def test_separate_gives_each_reference_and_reward_actor_its_bundle():
+    groups = {"reference": {"num_actors": 2, "num_cpus": 2}, "reward": {"num_actors": 2, "num_gpus": 1}}
+    bundles, slots = layout(cfg(placement=groups), need_critic=False)
+    # policy ranks 0-1, engines 2-3, reference actors 4-5, reward actors 6-7, in actor order
+    assert len(bundles) == 8
+    assert [(idx, share) for idx, share, _ in slots["reference"]] == [(4, 1.0), (5, 1.0)]
+    assert [(idx, share) for idx, share, _ in slots["reward"]] == [(6, 1.0), (7, 1.0)]
+    assert bundles[4] == bundles[5] == {"CPU": 2.0}
+    assert bundles[6] == bundles[7] == {"CPU": 1.0, "GPU": 1.0}
+
+
+def test_colocate_puts_reference_actor_j_on_policy_rank_j():
+    c = cfg(
+        placement={
+            "mode": "colocate",
+            "policy": {"num_cpus": 2, "num_gpus": 1},
+            "reference": {"num_actors": 3},
+            "reward": {"num_actors": 2},
+        }
+    )
+    bundles, slots = layout(c, need_critic=True)
+    # bundles: ranks' 0-1 (each: rank, engine, reference actor), reference actor 2's own, critic 3-4,
+    # reward 5-6
+    assert bundles == [
+        {"CPU": 2.0, "GPU": 1.0},
+        {"CPU": 2.0, "GPU": 1.0},
+        {"CPU": 1.0},
+        {"CPU": 1.0},
+        {"CPU": 1.0},
+        {"CPU": 1.0},
+        {"CPU": 1.0},
+    ]
+    third = pytest.approx(1 / 3)
+    assert [(idx, share) for idx, share, _ in slots["policy"]] == [(0, third), (1, third)]
+    assert [(idx, share) for idx, share, _ in slots["rollout"]] == [(0, third), (1, third)]
+    assert [(idx, share) for idx, share, _ in slots["reference"]] == [(0, third), (1, third), (2, 1.0)]
+    assert [idx for idx, _, _ in slots["critic"]] == [3, 4]
+    assert [(idx, share) for idx, share, _ in slots["reward"]] == [(5, 1.0), (6, 1.0)]
+    # a shared reference actor takes its share of the policy's bundle, its own one the reference's resources
+    (_, _, shared_res), _, (_, _, own_res) = slots["reference"]
+    assert shared_res is c.placement.policy and own_res is c.placement.reference
+
+
 def test_check_fits_names_the_shortfall():
     bundles, _ = layout(cfg(placement={"rollout": {"num_gpus": 1}}), need_critic=False)
     with pytest.raises(PlacementError, match="GPU: needs 2, cluster has 0"):
@@ -60,7 +103,7 @@ def test_check_fits_names_the_shortfall():
 def _plan_inside(c: RLHFConfig) -> dict:
     """What a trial's driver does: plan the roles while running in the trial's placement group."""
     plan = plan_placement(c, need_critic=False)
-    options = [*plan.policy, *plan.rollout, plan.reference, plan.reward]
+    options = [*plan.policy, *plan.rollout, *plan.reference, *plan.reward]
     current = get_current_placement_group()
     out = {
         "owned": plan.owned,

@@ -74,7 +74,7 @@ def test_colocated_broadcast_sync_and_http_reward(ray_local, tiny_model_dir, tas
             colocated = {
                 "policy rank 0": roles.policy.group.actors[0],
                 "rollout engine 0": roles.engines[0],
-                "reference model": roles.reference,
+                "reference model": roles.reference[0],
             }
             where = {name: placement_of(actor) for name, actor in colocated.items()}
             group = plan.placement_group.id.hex()

@@ -31,6 +31,18 @@ def test_role_ids_read_as_the_names_people_know():
     assert role_id.rank(role_id.CRITIC, 0).kind.is_trainer and not role_id.REWARD.kind.is_trainer
 
 
+def test_a_group_of_scoring_actors_names_each_actor_and_one_actor_keeps_the_plain_name():
+    assert role_id.members(role_id.REFERENCE, 1) == [role_id.REFERENCE]
+    assert [str(r) for r in role_id.members(role_id.REWARD, 1)] == ["reward model"]
+    two = role_id.members(role_id.REFERENCE, 2)
+    assert two == [RoleId(RoleKind.REFERENCE, 0), RoleId(RoleKind.REFERENCE, 1)]
+    assert [str(r) for r in two] == ["reference model 0", "reference model 1"]
+    assert str(role_id.members(role_id.REWARD, 3)[2]) == "reward model 2"
+    assert two[1] != role_id.REFERENCE and not two[1].kind.is_trainer
+    with pytest.raises(ValueError, match="not a group of scoring actors"):
+        role_id.members(role_id.POLICY, 2)
+
+
 def test_combine_rank_stats_max_of_maxima_min_of_minima_mean_of_the_rest():
     ranks = [
         {"ratio_max": 1.5, "ratio_min": 0.9, "policy_loss": 1.0, "only_here": 3.0},
@@ -59,13 +71,16 @@ def test_plan_gives_each_role_its_options_and_bundles():
     plan = RolePlan(
         policy=[role_options(res, 1.0, pg, 0), role_options(res, 1.0, pg, 1)],
         rollout=[role_options(res, 0.5, pg, 0), role_options(res, 1.0, pg, 2)],
-        reference=role_options(res, 0.5, pg, 0),
-        reward=role_options(res, 1.0, pg, 3),
+        reference=[role_options(res, 0.5, pg, 0)],
+        reward=[role_options(res, 1.0, pg, 3), role_options(res, 1.0, pg, 4)],
     )
     assert plan.bundles_of(role_id.POLICY) == [0, 1]
     assert plan.bundles_of(role_id.rank(role_id.POLICY, 1)) == [1]
     assert plan.bundles_of(role_id.engine(1)) == [2]
-    assert plan.bundles_of(role_id.REFERENCE) == [0] and plan.bundles_of(role_id.REWARD) == [3]
+    assert plan.bundles_of(role_id.REFERENCE) == [0]
+    # a group of two reward actors: the role as a whole, and each actor by its id
+    assert plan.bundles_of(role_id.REWARD) == [3, 4]
+    assert [plan.bundles_of(r) for r in role_id.members(role_id.REWARD, 2)] == [[3], [4]]
     assert plan.options_of(role_id.engine(0))[0]["num_gpus"] == 0.5
 
 
@@ -77,6 +92,11 @@ def test_needed_cpus_counts_colocated_bundles_once():
     assert needed_cpus(colocated) == 2 + 1  # the engines and the reference share the ranks' bundles
     gae = RLHFConfig.from_dict(base | {"algorithm": {"estimator": "gae", "mini_batch_size": 8}})
     assert len(layout(gae)[0]) == len(layout(separate)[0]) + 2  # a critic bundle per rank
+    groups = {"reference": {"num_actors": 3}, "reward": {"num_actors": 2}}
+    assert needed_cpus(RLHFConfig.from_dict(base | {"placement": groups})) == 2 + 2 + 3 + 2
+    # colocated: reference actors 0 and 1 share the ranks' bundles, actor 2 has its own
+    both = RLHFConfig.from_dict(base | {"placement": {"mode": "colocate", **groups}})
+    assert needed_cpus(both) == 2 + 1 + 2
 
 
 def _batch(with_logprobs: bool) -> Batch:

@@ -38,12 +38,14 @@ from rlhf_ray.trainer.evaluation import held_out_prompts, sample_held_out
 from rlhf_ray.trainer.offline import require_model_dir
 from rlhf_ray.trainer.recovery import STEP_PHASES, Recovery, RecoveryError, RolledBack, drop_rows_after
 from rlhf_ray.trainer.roles import Roles, restart, start_roles, wait_for
+from rlhf_ray.trainer.scoring import join_slices, role_times, score_in_slices, score_joined
 from rlhf_ray.trainer.weight_sync import make_weight_sync
 
 __all__ = ["DriverState", "PPOTrainer", "RecoveryError", "check_inputs", "run_ppo"]
 log = logging.getLogger(__name__)
 STATE_FILE = "driver_state.json"
-# the metric `time/<name>` of each scoring role: seconds from the rollout until its answer was ready
+# the metric `time/<name>` of each scoring role: seconds from the rollout until its answer was ready (a
+# group of reference or reward actors: until its last actor's was)
 SCORE_TIMES = {
     RoleKind.REFERENCE: "reference",
     RoleKind.REWARD: "reward",
@@ -271,17 +273,19 @@ class PPOTrainer:
         times["time/generate"] = time.perf_counter() - t0
 
         t = time.perf_counter()
-        scoring = {
-            role_id.REFERENCE: roles.reference.logprobs.remote(rollout),
-            role_id.REWARD: roles.reward.score.remote(rollout),
-        }
+        # one ref per reference and reward actor, each scoring its slice (`rlhf_ray.trainer.scoring`)
+        scoring = score_in_slices(
+            rollout,
+            {role_id.REFERENCE: (roles.reference, "logprobs"), role_id.REWARD: (roles.reward, "score")},
+        )
         if self.old_logprobs is OldLogprobs.SCORED:  # else the update's own forward gives them
             scoring[role_id.POLICY] = roles.policy.compute_logprobs(rollout)
         if roles.critic is not None:
             scoring[role_id.CRITIC] = roles.critic.compute_values(rollout)
         ready_after: dict[Any, float] = {}
         wait_for(scoring, timeout, fetch=False, ready_after=ready_after)
-        times |= {f"time/{SCORE_TIMES[role.kind]}": s for role, s in ready_after.items()}
+        times |= role_times(ready_after, SCORE_TIMES)
+        scoring = join_slices(scoring)  # one ref per role again, in row order
         times["time/score"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -354,7 +358,7 @@ class PPOTrainer:
     def evaluate(self) -> dict[str, float]:
         cfg, roles = self.cfg, self.roles
         batch = sample_held_out(roles.engines[0], self.eval_prompts, cfg, greedy=cfg.run.eval_greedy)
-        scores = roles.reward.score.remote(batch)
+        scores = score_joined(batch, role_id.REWARD, roles.reward, "score")
         result = glue().eval_scores.remote(cfg.run.eval_function or "", batch, scores)
         return wait_for({"evaluation": result}, cfg.run.call_timeout_s)["evaluation"]
 

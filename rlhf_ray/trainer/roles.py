@@ -65,23 +65,35 @@ class Roles:
     policy: PolicyTrainer
     critic: CriticTrainer | None
     engines: list[Any]
-    reference: Any
-    reward: Any
+    reference: list[Any]  # placement.reference.num_actors actors, each scoring a slice of the batch
+    reward: list[Any]  # placement.reward.num_actors actors, likewise
 
     def ids(self) -> list[RoleId]:
-        """Every restartable role: the policy, the critic (GAE only), each engine, reference, reward."""
+        """Every restartable role: the policy, the critic (GAE only), each engine, each reference actor,
+        each reward actor (`role_id.members`: the role itself when it is one actor)."""
         trainers = [role_id.POLICY] + ([role_id.CRITIC] if self.critic is not None else [])
         engines = [role_id.engine(i) for i in range(len(self.engines))]
-        return [*trainers, *engines, role_id.REFERENCE, role_id.REWARD]
+        reference = role_id.members(role_id.REFERENCE, len(self.reference))
+        return [*trainers, *engines, *reference, *role_id.members(role_id.REWARD, len(self.reward))]
+
+    def actors_of(self, role: RoleId) -> list[Any]:
+        """The actor handles of a role of single actors: the engines, the reference or the reward actors."""
+        return {
+            RoleKind.ROLLOUT: self.engines,
+            RoleKind.REFERENCE: self.reference,
+            RoleKind.REWARD: self.reward,
+        }[role.kind]
 
     def actor(self, role: RoleId) -> Any:
-        """The actor handle of a single-actor role (an engine, the reference, the reward)."""
-        if role.kind is RoleKind.ROLLOUT:
-            return self.engines[role.index]
-        return {RoleKind.REFERENCE: self.reference, RoleKind.REWARD: self.reward}[role.kind]
+        """The actor handle of one actor: an engine, a reference or reward actor (index None: the role's
+        only actor)."""
+        actors = self.actors_of(role)
+        if role.index is None and len(actors) != 1:
+            raise ValueError(f"{role} has {len(actors)} actors: name one by its index")
+        return actors[role.index or 0]
 
     def shutdown(self) -> None:
-        for handle in (*self.engines, self.reference, self.reward):
+        for handle in (*self.engines, *self.reference, *self.reward):
             _kill(handle)
         self.policy.kill()
         if self.critic is not None:
@@ -95,7 +107,7 @@ def _kill(handle: Any) -> None:
 
 
 def _start_actor(cfg: RLHFConfig, plan: RolePlan, role: RoleId) -> Any:
-    """A fresh actor of a single-actor role on its bundle of the plan."""
+    """A fresh actor (an engine, a reference or reward actor) on its bundle of the plan."""
     (options,) = plan.options_of(role)
     if role.kind is RoleKind.ROLLOUT:
         return RolloutEngine.options(**options).remote(cfg, rank=role.index)
@@ -112,13 +124,13 @@ def start_roles(cfg: RLHFConfig) -> Roles:
     timeout = cfg.run.call_timeout_s
     plan = plan_placement(cfg, timeout_s=timeout)
     engines = [_start_actor(cfg, plan, role_id.engine(i)) for i in range(len(plan.rollout))]
-    reference = _start_actor(cfg, plan, role_id.REFERENCE)
-    reward = _start_actor(cfg, plan, role_id.REWARD)
+    reference = [_start_actor(cfg, plan, r) for r in role_id.members(role_id.REFERENCE, len(plan.reference))]
+    reward = [_start_actor(cfg, plan, r) for r in role_id.members(role_id.REWARD, len(plan.reward))]
     try:
         policy = _start_trainer(cfg, plan, role_id.POLICY)
         critic = _start_trainer(cfg, plan, role_id.CRITIC) if needs_critic(cfg) else None
     except BaseException:
-        for handle in (*engines, reference, reward):
+        for handle in (*engines, *reference, *reward):
             _kill(handle)
         plan.remove()
         raise
@@ -228,12 +240,7 @@ def restart(roles: Roles, ids: list[RoleId]) -> None:
         else:
             _kill(roles.actor(role))
             fresh = _start_actor(cfg, plan, role)
-            if role.kind is RoleKind.ROLLOUT:
-                roles.engines[role.index] = fresh
-            elif role.kind is RoleKind.REFERENCE:
-                roles.reference = fresh
-            else:
-                roles.reward = fresh
+            roles.actors_of(role)[role.index or 0] = fresh  # in place: the lists are the run's
             pings[role] = fresh.ping.remote()
     wait_for(pings, cfg.run.call_timeout_s)
     log.warning("restarted: %s", ", ".join(map(str, ids)))
