@@ -29,13 +29,18 @@ class _Engine:
         self.sleep = _Method(log, f"engine{index}.sleep")
 
 
-class _Policy:
+class _Group:
     def __init__(self, log: list[str]):
         self.log = log
 
     def call(self, method: str) -> list[str]:
         self.log.append(f"policy.{method}")
         return [method, method]  # two ranks
+
+
+class _Policy:
+    def __init__(self, log: list[str]):
+        self.group = _Group(log)
 
 
 class _Roles:

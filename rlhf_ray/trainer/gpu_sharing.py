@@ -67,7 +67,7 @@ class GpuSharing:
         self.wait(calls, self.timeout)
 
     def _policy(self, method: str) -> None:
-        refs = self.roles.policy.call(method)
+        refs = self.roles.policy.group.call(method)  # every rank: each holds its own shard of the states
         self.wait({role_id.rank(role_id.POLICY, i): r for i, r in enumerate(refs)}, self.timeout)
 
     def before_sync(self) -> None:
