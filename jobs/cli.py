@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ppo": ("jobs.ppo", "stage 4: RL (PPO / GRPO / RLOO / REINFORCE++) with the roles as Ray actors"),
     "pipeline": ("jobs.pipeline", "all four stages on the synthetic sorting task, ending with a report"),
     "sweep": ("jobs.sweep", "a Ray Tune sweep over algorithm.kl_coef and trainer.lr"),
+    "plan": (
+        "jobs.plan",
+        "the GPU memory plan of a config: what each role needs on each GPU, and if it fits",
+    ),
     "convert-smollm2": ("jobs.convert_smollm2", "convert SmolLM2-135M-Instruct to an HF directory"),
     "synthetic-task": ("jobs.synthetic_task", "write the synthetic task's data and a tiny model"),
 }

@@ -305,7 +305,7 @@ def actor_need(
             items = {"weights": weights, "kv_cache": kv, "context": FROZEN_CONTEXT}
             total = weights + kv + FROZEN_CONTEXT
             return ActorNeed(role, index, items, dict.fromkeys(PHASES, total), "hf engine")
-        share = int(engine_fraction(cfg) * gpu_memory)
+        share = round(engine_fraction(cfg) * gpu_memory)
         rest = ENGINE_ASLEEP if engine_sleeps(cfg) else share
         note = "asleep outside generate" if engine_sleeps(cfg) else "awake throughout"
         return ActorNeed(

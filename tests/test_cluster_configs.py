@@ -192,7 +192,7 @@ README_JOBS = sorted({m for p in READMES for m in ENTRYPOINT_RE.findall(_text(p)
 ALL_JOBS = sorted({*README_JOBS, *(module.removeprefix("jobs.") for module, _ in COMMANDS.values())})
 # Jobs configured by --config and section.key=value (their --help lists every config key); the others
 # (writing the task, converting a checkpoint) take only their own flags.
-CONFIG_JOBS = {"ppo", "sft", "reward_model", "dpo", "pipeline", "sweep"}
+CONFIG_JOBS = {"ppo", "sft", "reward_model", "dpo", "pipeline", "sweep", "plan"}
 
 
 def test_readmes_name_the_jobs():
