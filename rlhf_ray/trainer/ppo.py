@@ -31,10 +31,12 @@ from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController
 from rlhf_ray.checkpoint import CheckpointManager, writable_dir
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.data import DataError, PromptSource, load_records
+from rlhf_ray.engine_args import sleep_enabled
 from rlhf_ray.experience import OldLogprobs, RewardNormalizer, old_logprobs_source
 from rlhf_ray.metrics import MetricsLogger, plain, plot_metrics
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.trainer.evaluation import held_out_prompts, sample_held_out
+from rlhf_ray.trainer.gpu_sharing import GpuSharing
 from rlhf_ray.trainer.offline import require_model_dir
 from rlhf_ray.trainer.recovery import STEP_PHASES, Recovery, RecoveryError, RolledBack, drop_rows_after
 from rlhf_ray.trainer.roles import Roles, restart, start_roles, wait_for
@@ -130,6 +132,13 @@ class PPOTrainer:
         self.roles = start_roles(self.cfg)
         wait_for({"glue worker": glue().ping.remote()}, self.cfg.run.call_timeout_s)  # up before step 1
         self.sync = make_weight_sync(self.cfg, self.roles)
+        cfg = self.cfg
+        self.sharing = GpuSharing(
+            self.roles,
+            sleep=engines_sleep(cfg),
+            offload=cfg.trainer.offload_during_rollout,
+            timeout_s=cfg.run.call_timeout_s,
+        )
         latest = self.ckpt.latest() if self.cfg.checkpoint.resume else None
         if latest is not None:
             self.restore(latest)
@@ -235,7 +244,7 @@ class PPOTrainer:
         if gap is not None:
             exp_stats["rollout_vs_trainer_logprob_diff"] = gap
         t = time.perf_counter()
-        self.recovery.attempt(lambda: self.sync.sync(), "weight sync")
+        self.recovery.attempt(self.sync_weights, "weight sync")
         times["time/sync"] = time.perf_counter() - t
 
         self.kl_ctl.update(exp_stats["kl"], self.cfg.run.prompts_per_step * self.group)
@@ -261,6 +270,7 @@ class PPOTrainer:
         step_seed = cfg.run.seed * 1_000_003 + self.step
 
         prompts = [ids for _, ids in self.prompts.next(cfg.run.prompts_per_step)]
+        self.sharing.before_generate()
         shards = np.array_split(np.arange(len(prompts)), len(roles.engines))
         parts = [
             e.generate.remote([prompts[i] for i in idx], self.group, seed=step_seed * 97 + k)
@@ -270,6 +280,7 @@ class PPOTrainer:
         # One engine: its batch as it is (a glue task costs a worker round trip per step).
         rollout = parts[0] if len(parts) == 1 else glue().concat.remote(*parts)
         wait_for({role_id.ROLLOUT_ENGINES: rollout}, timeout, fetch=False)
+        self.sharing.before_scoring()
         times["time/generate"] = time.perf_counter() - t0
 
         t = time.perf_counter()
@@ -318,18 +329,27 @@ class PPOTrainer:
             stats |= {f"{kind.value}/{k}": v for k, v in combine_rank_stats(ranks).items()}
         return stats, time.perf_counter() - t
 
+    def sync_weights(self) -> None:
+        """The engines get the policy's current weights (on shared GPUs: with their weights resident and
+        the trainer's optimizer states moved out of the way, `rlhf_ray.trainer.gpu_sharing`)."""
+        self.sharing.before_sync()
+        self.sync.sync()
+        self.sharing.after_sync()
+
     # ---- what recovery may do to the run (`rlhf_ray.trainer.recovery.Recoverable`) -----------------
     def resync(self, rebuild: bool) -> None:
         """The engines get the policy's current weights; `rebuild`: through a new weight sync (actors of
         the old one were replaced)."""
+        self.sharing.mark_unknown()
         if rebuild:
             self.sync = make_weight_sync(self.cfg, self.roles)
-        self.sync.sync()
+        self.sync_weights()
 
     def rewind(self, fresh: list[RoleId]) -> None:
         """Back to the last complete checkpoint of this run (or to the start when there is none): trainers'
         weights and optimiser state, data position, KL controller, reward normaliser; the metrics rows of
         the undone steps are dropped, so every step appears once in metrics.jsonl."""
+        self.sharing.mark_unknown()
         if fresh:  # restarted roles may be among the weight sync's actors
             self.sync = make_weight_sync(self.cfg, self.roles)
         latest = self.last_checkpoint  # this run's own (the directory may hold another run's too)
@@ -341,7 +361,7 @@ class PPOTrainer:
                 restart(self.roles, trained)
                 self.sync = make_weight_sync(self.cfg, self.roles)
             self.reset_driver_state()
-            self.sync.sync()
+            self.sync_weights()
         self._logger.close()
         drop_rows_after(self._logger.path, self.step)
         self._logger = MetricsLogger(
@@ -357,6 +377,7 @@ class PPOTrainer:
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         cfg, roles = self.cfg, self.roles
+        self.sharing.before_generate()
         batch = sample_held_out(roles.engines[0], self.eval_prompts, cfg, greedy=cfg.run.eval_greedy)
         scores = score_joined(batch, role_id.REWARD, roles.reward, "score")
         result = glue().eval_scores.remote(cfg.run.eval_function or "", batch, scores)
@@ -365,6 +386,7 @@ class PPOTrainer:
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         roles, timeout = self.roles, self.cfg.run.call_timeout_s
+        self.sharing.trainer_resident()  # DeepSpeed saves the optimizer states from where it keeps them
 
         def write(tmp: Path) -> None:
             roles.policy.save_checkpoint(str(tmp / "policy"), timeout)
@@ -385,6 +407,7 @@ class PPOTrainer:
         manifest = self.ckpt.verify(path)
         self.last_checkpoint = path
         roles, timeout = self.roles, self.cfg.run.call_timeout_s
+        self.sharing.trainer_resident()
         roles.policy.load_checkpoint(str(path / "policy"), timeout)
         if roles.critic is not None:
             roles.critic.load_checkpoint(str(path / "critic"), timeout)
@@ -393,8 +416,16 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl"])
         self.prompts.load_state_dict(state["data"])
         self.normalizer = None if state.get("normalizer") is None else RewardNormalizer(**state["normalizer"])
-        self.sync.sync()  # the engines start from the initial weights; give them the restored ones
+        self.sync_weights()  # the engines start from the initial weights; give them the restored ones
         log.info("resumed from %s (step %d)", path, manifest["step"])
+
+
+def engines_sleep(cfg: RLHFConfig) -> bool:
+    """Whether the engines run in vLLM's sleep mode (`rlhf_ray.engine_args.sleep_enabled`, decided from
+    whether they get GPUs: their own, or the policy ranks' when colocated)."""
+    place = cfg.placement
+    gpus = place.policy.num_gpus if place.mode == "colocate" else place.rollout.num_gpus
+    return sleep_enabled(cfg, gpus > 0)
 
 
 def seed_everything(seed: int) -> None:
