@@ -147,9 +147,8 @@ def dry_run(layout: Layout, gpus: int, gpu_memory_gib: float, out: Path) -> dict
     from actors.placement import layout as role_layout
     from jobs.plan import build_plan
     from rlhf_ray.deepspeed_config import deepspeed_config, effective_zero_stage, optimizer_kind
-    from rlhf_ray.engine_args import engine_args
+    from rlhf_ray.engine_args import engine_args, engines_sleep
     from rlhf_ray.memory_plan import MemoryPlanError
-    from rlhf_ray.trainer.ppo import engines_sleep
     from rlhf_ray.trainer.weight_sync import weight_sync_kind
 
     cfg = layout_config(layout, str(SHAPE), out, steps=1)

@@ -58,6 +58,14 @@ def sleep_enabled(cfg: RLHFConfig, gpu: bool) -> bool:
     return r.sleep
 
 
+def engines_sleep(cfg: RLHFConfig) -> bool:
+    """`sleep_enabled` decided on the driver, from the GPUs the placement gives the engines: their own,
+    or a share of the policy ranks' when colocated."""
+    place = cfg.placement
+    gpus = place.policy.num_gpus if place.mode == "colocate" else place.rollout.num_gpus
+    return sleep_enabled(cfg, gpus > 0)
+
+
 def per_sample_seeds(cfg: RLHFConfig, gpu: bool) -> bool:
     """Whether each sample of a call gets its own seed (`rollout.sampling_seeds`).
 

@@ -132,3 +132,20 @@ def test_nothing_is_called_without_sharing_and_everything_again_after_a_recovery
     sharing.before_generate()
     assert log[0] == "policy.offload_states" and log.count("engine0.wake_up['weights']") == 1
     assert log[-1] == "engine1.wake_up['kv_cache']"
+
+
+def test_engines_sleep_when_they_share_the_policys_gpus():
+    from rlhf_ray.config import RLHFConfig
+    from rlhf_ray.engine_args import engines_sleep
+
+    def cfg(**placement: Any) -> RLHFConfig:
+        return RLHFConfig.from_dict({"placement": placement})
+
+    assert engines_sleep(cfg(mode="colocate", policy={"num_gpus": 1}))
+    assert not engines_sleep(cfg(mode="colocate"))  # on the CPU: vLLM has no sleep mode there
+    assert not engines_sleep(cfg(rollout={"num_gpus": 1}))  # GPUs of their own: nothing to share
+    assert not engines_sleep(
+        RLHFConfig.from_dict(
+            {"placement": {"mode": "colocate", "policy": {"num_gpus": 1}}, "rollout": {"sleep": False}}
+        )
+    )

@@ -31,7 +31,7 @@ from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController
 from rlhf_ray.checkpoint import CheckpointManager, writable_dir
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.data import DataError, PromptSource, load_records
-from rlhf_ray.engine_args import sleep_enabled
+from rlhf_ray.engine_args import engines_sleep
 from rlhf_ray.experience import OldLogprobs, RewardNormalizer, old_logprobs_source
 from rlhf_ray.metrics import MetricsLogger, plain, plot_metrics
 from rlhf_ray.models import load_tokenizer
@@ -138,6 +138,7 @@ class PPOTrainer:
             sleep=engines_sleep(cfg),
             offload=cfg.trainer.offload_during_rollout,
             timeout_s=cfg.run.call_timeout_s,
+            asleep=engines_sleep(cfg),  # start_roles put them to sleep before the trainer started
         )
         latest = self.ckpt.latest() if self.cfg.checkpoint.resume else None
         if latest is not None:
@@ -418,14 +419,6 @@ class PPOTrainer:
         self.normalizer = None if state.get("normalizer") is None else RewardNormalizer(**state["normalizer"])
         self.sync_weights()  # the engines start from the initial weights; give them the restored ones
         log.info("resumed from %s (step %d)", path, manifest["step"])
-
-
-def engines_sleep(cfg: RLHFConfig) -> bool:
-    """Whether the engines run in vLLM's sleep mode (`rlhf_ray.engine_args.sleep_enabled`, decided from
-    whether they get GPUs: their own, or the policy ranks' when colocated)."""
-    place = cfg.placement
-    gpus = place.policy.num_gpus if place.mode == "colocate" else place.rollout.num_gpus
-    return sleep_enabled(cfg, gpus > 0)
 
 
 def seed_everything(seed: int) -> None:

@@ -33,6 +33,7 @@ from actors.role_id import RoleId, RoleKind
 from actors.rollout import RolloutEngine
 from actors.worker_group import WorkerGroupError
 from rlhf_ray.config import RLHFConfig
+from rlhf_ray.engine_args import engines_sleep
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,16 @@ def start_roles(cfg: RLHFConfig) -> Roles:
     timeout = cfg.run.call_timeout_s
     plan = plan_placement(cfg, timeout_s=timeout)
     engines = [_start_actor(cfg, plan, role_id.engine(i)) for i in range(len(plan.rollout))]
+    if engines_sleep(cfg):
+        # Colocated on GPUs: vLLM demands its memory share free when it starts, so the engines start, and
+        # go to sleep, before the trainer and the reference take their part of the same GPUs.
+        try:
+            wait_for({role_id.engine(i): e.sleep.remote() for i, e in enumerate(engines)}, timeout)
+        except BaseException:
+            for handle in engines:
+                _kill(handle)
+            plan.remove()
+            raise
     reference = [_start_actor(cfg, plan, r) for r in role_id.members(role_id.REFERENCE, len(plan.reference))]
     reward = [_start_actor(cfg, plan, r) for r in role_id.members(role_id.REWARD, len(plan.reward))]
     try:
