@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,10 +394,19 @@ def plan_memory(
             plan = gpus.setdefault((node, gpu), GpuPlan(node, gpu))
             plan.actors.append(actor_need(cfg, role, index, shapes, gpu_memory))
     ordered = [gpus[k] for k in sorted(gpus)]
+    alike: dict[str, list[str]] = {}  # a problem with the GPU's name and actor indices left out -> GPUs
     for g in ordered:
         problem = _gpu_problem(cfg, g, gpu_memory)
         if problem:
-            errors.append(problem)
+            alike.setdefault(re.sub(r"\[\d+\]", "[i]", problem.split(": ", 1)[1]), []).append(g.name)
+    for g in ordered:
+        names = next((n for n in alike.values() if n[0] == g.name), None)
+        if names:
+            more = (
+                f" (and {len(names) - 1} more GPUs alike: {', '.join(names[1:])})" if len(names) > 1 else ""
+            )
+            problem = _gpu_problem(cfg, g, gpu_memory) or ""
+            errors.append(problem.replace(f"{g.name}: ", f"{g.name}{more}: ", 1))
     errors += _engine_problems(
         cfg, shapes, gpu_memory, any(a.role == "rollout" for g in ordered for a in g.actors)
     )

@@ -288,7 +288,10 @@ def test_cli_refuses_a_too_small_gpu(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         main(["--config", "jobs/configs/gpu_1x8_colocate.yaml", "--gpu-memory-gib", "24"])
     assert str(exc.value).startswith("config error: the memory plan does not fit:")
-    assert "node0:gpu0: in phase 'train' policy[0], rollout[0], reference[0]" in str(exc.value)
+    # every GPU alike: policy 18,065,399,808 + engine asleep 1,073,741,824 + reference 14,013,702,144 bytes
+    # = 33,152,843,776 = 30.88 GiB in the train phase
+    assert "node0:gpu0 (and 7 more GPUs alike: node0:gpu1, node0:gpu2," in str(exc.value)
+    assert "in phase 'train' policy[0], rollout[0], reference[0] need 30.9 GiB" in str(exc.value)
     assert "DOES NOT FIT" in capsys.readouterr().out
 
 
