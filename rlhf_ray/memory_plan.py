@@ -27,9 +27,10 @@ is bfloat16 on a GPU):
   layer at a time: 34*s*b*h * d/2, plus b*r*V*d of logits for a language model.
 - **Reference** and **reward model**: weights d*N only (plus a frozen forward while scoring).
 - **Rollout engine** (vLLM): rollout.gpu_memory_utilization x GPU memory (weights, KV cache, CUDA graphs;
-  vLLM demands that share free at start-up); null means 0.85 on GPUs of its own, 0.4 colocated. The
-  engine's weights (and rollout.kv_cache_gib when set) must fit inside the share. The `hf` engine instead
-  holds the weights and the KV cache of its share of the batch: 2*L*kv_heads*head_dim*d bytes per token.
+  vLLM demands that share free at start-up); null means 0.85 on GPUs of its own, 0.4 colocated (both
+  defaults, and whether engines sleep, are `rlhf_ray.engine_args`'s). The engine's weights (and
+  rollout.kv_cache_gib when set) must fit inside the share. The `hf` engine instead holds the weights and
+  the KV cache of its share of the batch: 2*L*kv_heads*head_dim*d bytes per token.
 - **Context**: each process on a GPU takes CUDA context, cuBLAS workspace, NCCL and DeepSpeed
   communication buffers: counted as 1 GiB per trainer rank and 0.5 GiB per frozen model.
 
@@ -57,6 +58,7 @@ from typing import Any
 
 from rlhf_ray.config import ConfigError, RLHFConfig, RoleResources
 from rlhf_ray.deepspeed_config import effective_zero_stage
+from rlhf_ray.engine_args import engines_sleep, gpu_memory_utilization
 
 GIB = 1024**3
 PHASES = ("generate", "score", "train")
@@ -264,20 +266,6 @@ def frozen_activations(cfg: RLHFConfig, shape: ModelShape, lm_head: bool) -> int
     return 34 * s * b * h * d // 2 + logits
 
 
-def engine_fraction(cfg: RLHFConfig) -> float:
-    """rollout.gpu_memory_utilization, or its default: 0.85 on GPUs of its own, 0.4 colocated."""
-    if cfg.rollout.gpu_memory_utilization is not None:
-        return cfg.rollout.gpu_memory_utilization
-    return 0.4 if cfg.placement.mode == "colocate" else 0.85
-
-
-def engine_sleeps(cfg: RLHFConfig) -> bool:
-    """rollout.sleep, or its default: asleep outside generation when colocated (on GPUs)."""
-    if cfg.rollout.sleep is not None:
-        return cfg.rollout.sleep
-    return cfg.placement.mode == "colocate" and cfg.rollout.engine == "vllm"
-
-
 def actor_need(
     cfg: RLHFConfig, role: str, index: int, shapes: Mapping[str, ModelShape], gpu_memory: int
 ) -> ActorNeed:
@@ -306,9 +294,9 @@ def actor_need(
             items = {"weights": weights, "kv_cache": kv, "context": FROZEN_CONTEXT}
             total = weights + kv + FROZEN_CONTEXT
             return ActorNeed(role, index, items, dict.fromkeys(PHASES, total), "hf engine")
-        share = round(engine_fraction(cfg) * gpu_memory)
-        rest = ENGINE_ASLEEP if engine_sleeps(cfg) else share
-        note = "asleep outside generate" if engine_sleeps(cfg) else "awake throughout"
+        share = round(gpu_memory_utilization(cfg) * gpu_memory)
+        rest = ENGINE_ASLEEP if engines_sleep(cfg) else share
+        note = "asleep outside generate" if engines_sleep(cfg) else "awake throughout"
         return ActorNeed(
             role, index, {"vllm": share}, {"generate": share, "score": rest, "train": rest}, note
         )
@@ -467,8 +455,8 @@ def _fixes(cfg: RLHFConfig, g: GpuPlan, phase: str) -> list[str]:
         a.role == "rollout" and "vllm" in a.items and a.phases[phase] == a.items["vllm"] for a in g.actors
     )
     if awake:
-        fixes.append(f"a lower rollout.gpu_memory_utilization (now {engine_fraction(cfg):g})")
-        if colocated and phase != "generate" and not engine_sleeps(cfg):
+        fixes.append(f"a lower rollout.gpu_memory_utilization (now {gpu_memory_utilization(cfg):g})")
+        if colocated and phase != "generate" and not engines_sleep(cfg):
             fixes.append("rollout.sleep=true (the engines free their share while the others work)")
         if (
             colocated
@@ -493,7 +481,7 @@ def _engine_problems(
     """An engine's weights (and rollout.kv_cache_gib) must fit inside its share of the GPU."""
     if not on_gpu or cfg.rollout.engine != "vllm":
         return []
-    fraction = engine_fraction(cfg)
+    fraction = gpu_memory_utilization(cfg)
     share = fraction * gpu_memory
     weights = dtype_bytes(cfg) * shapes["policy"].causal_lm_params()
     kv = (cfg.rollout.kv_cache_gib or 0.0) * GIB
