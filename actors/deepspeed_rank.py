@@ -42,6 +42,7 @@ from torch import Tensor
 from rlhf_ray import runtime
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
+from rlhf_ray.deepspeed_config import OffloadPlan, rollout_offload_plan
 from rlhf_ray.metrics import extreme
 
 LOSS_WEIGHT_KINDS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -126,6 +127,8 @@ class DeepSpeedRank:
         self.train_calls = 0  # seeds the shuffling; saved in checkpoints
         self._broadcast = None
         self._tokenizer = None
+        self._hf_ds_config = None  # ZeRO-3: transformers' HfDeepSpeedConfig, alive while the rank lives
+        self._offloaded: OffloadPlan | None = None  # what offload_states moved (reload_states moves it back)
 
     # ---- to override ---------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
@@ -155,15 +158,22 @@ class DeepSpeedRank:
         os.environ.update(LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local_size))
         import deepspeed  # after setup_process_env: DS_ACCELERATOR and TORCH_EXTENSIONS_DIR are read on import
 
-        from rlhf_ray.deepspeed_config import deepspeed_config, effective_zero_stage
+        from rlhf_ray.deepspeed_config import deepspeed_config, effective_zero_stage, optimizer_kind
+        from rlhf_ray.models import enable_zero3_loading, local_parameter_elements
 
         deepspeed.init_distributed(dist_backend=runtime.dist_backend(), auto_mpi_discovery=False)
         tcfg = self.cfg.trainer
         self.device = runtime.device()
         self.dtype = runtime.resolve_dtype(self.cfg.model.dtype)
         self.stage = effective_zero_stage(tcfg, self.world)  # 0 for a single rank: nothing to partition
+        ds_config = deepspeed_config(
+            tcfg, self.dtype, tcfg.micro_batch_size, self.micro_batches_per_step(), self.world
+        )
+        if self.stage == 3:  # each rank loads only its partition (transformers keeps a weak ref: hold it)
+            self._hf_ds_config = enable_zero3_loading(ds_config)
         torch.manual_seed(self.cfg.run.seed)
         model = self.build_model()
+        self.loaded_elements = local_parameter_elements(model)  # (held here, whole model): the load's cost
         if tcfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in model.parameters() if p.requires_grad]
@@ -171,13 +181,16 @@ class DeepSpeedRank:
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.learning_rate())
+        groups = [g for g in groups if g["params"]]
+        if optimizer_kind(tcfg) == "cpu_adam":  # the update runs on the CPU, on the offloaded state
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=self.learning_rate(), adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.learning_rate())
         warmup = tcfg.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        )
-        ds_config = deepspeed_config(
-            tcfg, self.dtype, tcfg.micro_batch_size, self.micro_batches_per_step(), self.world
         )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -370,16 +383,100 @@ class DeepSpeedRank:
 
     def save_pretrained(self, path: str) -> str | None:
         """Rank 0 writes an HF directory (model + tokenizer) atomically; every rank must call it (ZeRO-3
-        gathers the parameters first). A tied `lm_head.weight` is not written (transformers re-ties it)."""
+        consolidates the parameters on rank 0 once, one module at a time: DeepSpeed's
+        `_zero3_consolidated_16bit_state_dict`, in the model's dtype, never the whole model gathered on every
+        rank). A tied `lm_head.weight` is not written (transformers re-ties it)."""
         from rlhf_ray.models import save_pretrained_atomic
 
-        with self._full_parameters() as model:
-            if self.rank != 0:
-                return None
+        model = self.engine.module
+        if self.stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # collective; None off rank 0
+        elif self.rank == 0:
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if self.rank != 0:
+            return None
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
         return str(save_pretrained_atomic(_Frozen(model, state), self.tokenizer(), path))
+
+    # ---- colocation: optimiser states out of GPU memory while the engines generate --------------------
+    def offload_states(self) -> dict[str, Any]:
+        """Move this rank's optimiser states (and gradient buffers) to CPU memory for the rollout, then
+        empty the CUDA cache; what moves follows `rlhf_ray.deepspeed_config.rollout_offload_plan` (on a CPU
+        rank: nothing, the states already live there). Every rank calls it. Returns what was done, to log:
+        {rank, moved, states, note, seconds}."""
+        return self._offload_states(on_gpu=self.device.type == "cuda")
+
+    def reload_states(self) -> dict[str, Any]:
+        """Move back what `offload_states` moved (a no-op when it moved nothing). Every rank calls it
+        (ZeRO-3's reload re-gathers the persistent parameters: a collective). Returns what was done."""
+        import time
+
+        start, plan, self._offloaded = time.perf_counter(), self._offloaded, None
+        if plan is None or not plan.moves_anything:
+            note = plan.note if plan is not None else "nothing offloaded"
+            return self._offload_report(False, (), note, start)
+        if plan.engine_states:
+            self.engine.reload_states()
+        if plan.adamw_states:
+            self._move_adamw_states(self.device, pin_memory=False)
+        self._empty_cache()
+        return self._offload_report(True, self._state_names(plan), plan.note, start)
+
+    def _offload_states(self, on_gpu: bool) -> dict[str, Any]:
+        """`offload_states` with the plan of a rank on a GPU (`on_gpu`) or not; the tests take the GPU
+        plan on a CPU rank to run DeepSpeed's moves (CPU to CPU, unpinned) and check nothing is lost."""
+        import time
+
+        start = time.perf_counter()
+        if self._offloaded is not None:
+            raise RuntimeError(f"rank {self.rank}: offload_states called twice without reload_states")
+        plan = self._offloaded = rollout_offload_plan(self.cfg.trainer, self.stage, on_gpu)
+        pin = self.device.type == "cuda"  # pinned host memory speeds the copy back; only with a GPU
+        if plan.engine_states:
+            from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum, OffloadStateTypeEnum
+
+            states = [OffloadStateTypeEnum(s) for s in plan.engine_states]
+            self.engine.offload_states(include=states, device=OffloadDeviceEnum.cpu, pin_memory=pin)
+        if plan.adamw_states:
+            self._move_adamw_states(torch.device("cpu"), pin_memory=pin)
+        if on_gpu and self.stage == 3:  # parameters gathered for the last forward, held for reuse
+            self.engine.empty_partition_cache()
+        self._empty_cache()
+        return self._offload_report(plan.moves_anything, self._state_names(plan), plan.note, start)
+
+    def _move_adamw_states(self, device: torch.device, pin_memory: bool) -> None:
+        """ZeRO-3 with torch AdamW: its moments and the fp32 master partitions they update, moved in place
+        (`.data`, so the optimiser and DeepSpeed keep their tensors). DeepSpeed's stage-3 `offload_states`
+        moves these only for its FusedAdam; the scalar `step` stays where it is (on the CPU)."""
+        zero = self.engine.optimizer
+        tensors = list(zero.fp32_partitioned_groups_flat)
+        for state in zero.optimizer.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+        for t in tensors:
+            moved = t.data.to(device)
+            t.data = moved.pin_memory() if pin_memory else moved
+
+    @staticmethod
+    def _state_names(plan: OffloadPlan) -> tuple[str, ...]:
+        return plan.engine_states + (("adamw_states", "hp_params") if plan.adamw_states else ())
+
+    def _offload_report(
+        self, moved: bool, states: tuple[str, ...], note: str, start: float
+    ) -> dict[str, Any]:
+        import time
+
+        return {
+            "rank": self.rank,
+            "moved": moved,
+            "states": list(states),
+            "note": note,
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _empty_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def tokenizer(self):
         if self._tokenizer is None:

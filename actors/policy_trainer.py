@@ -69,6 +69,7 @@ class PolicyRank(DeepSpeedRank):
                 temperature,
                 with_entropy=True,
                 start=response_start(mask),
+                entropy_grad=bool(algo.entropy_coef),  # without the bonus, only a metric
             )
             # FROM_UPDATE: one on-policy optimiser step (checked above), so old = current, detached
             old = part["logprobs"] if source is OldLogprobs.SCORED else logprobs.detach()

@@ -206,5 +206,14 @@ class TrainerHandle:
         """An HF directory (model + tokenizer) written by rank 0; returns its path."""
         return wait_all(self.group.call("save_pretrained", str(path)), timeout, "save_pretrained")[0]
 
+    def offload_states(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Every rank moves its optimiser states to CPU memory while the engines generate (colocated on
+        GPUs; a recorded no-op on CPU ranks): `DeepSpeedRank.offload_states`. One report per rank, to log."""
+        return wait_all(self.group.call("offload_states"), timeout, "offload_states")
+
+    def reload_states(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Every rank moves back what `offload_states` moved, before the update. One report per rank."""
+        return wait_all(self.group.call("reload_states"), timeout, "reload_states")
+
     def kill(self) -> None:
         self.group.kill()

@@ -9,11 +9,14 @@ positions count from 0 at the first token, as in vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -141,16 +144,67 @@ def tiny_model(
 
 
 # ---- loading and saving ---------------------------------------------------------------------------
+def enable_zero3_loading(ds_config: dict[str, Any]) -> Any:
+    """From now on, in this process, `from_pretrained` of a trainable model builds it under DeepSpeed's ZeRO-3
+    init (`deepspeed.zero.Init`), so each rank materialises only its partition of every parameter instead of
+    the whole model (transformers 5.19: `HfDeepSpeedConfig` in `transformers/integrations/deepspeed.py`, read
+    by `PreTrainedModel.get_init_context` in `modeling_utils.py`). Call it after
+    `deepspeed.init_distributed`, with the `ds_config` the engine gets (ZeRO stage 3).
+
+    Returns the `HfDeepSpeedConfig`: transformers holds only a weak reference to it, so the caller keeps the
+    object alive for as long as models are loaded (a trainer rank: its lifetime)."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_config = HfDeepSpeedConfig(ds_config)
+    if not hf_config.is_zero3():
+        raise ValueError(
+            f"enable_zero3_loading: the DeepSpeed config runs ZeRO stage "
+            f"{ds_config.get('zero_optimization', {}).get('stage')}, not 3; only stage 3 partitions parameters"
+        )
+    return hf_config
+
+
+def _zero3_loading() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+@contextlib.contextmanager
+def _whole_loading() -> Iterator[None]:
+    """Loads inside are not partitioned even after `enable_zero3_loading`: a frozen model (the DPO ranks'
+    reference) never enters an engine, so nothing would gather its partitioned parameters."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers' only handle on the active config
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+
+
+def local_parameter_elements(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameter elements this process holds, elements of the whole model): under ZeRO-3 a parameter
+    holds its partition (`ds_tensor`) plus its whole data while that is available (gathered, or kept whole
+    by the persistence threshold; an empty placeholder otherwise); without ZeRO-3 the two are equal. Tied
+    parameters count once."""
+    params = list(model.parameters())
+    held = sum(p.ds_tensor.numel() + p.data.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return held, sum(getattr(p, "ds_numel", p.numel()) for p in params)
+
+
 def load_causal_lm(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     trainable: bool = True,
 ) -> PreTrainedModel:
-    """A causal LM from a local directory. Trainable: train mode with gradients; otherwise eval mode with
-    every parameter frozen (the reference model)."""
+    """A causal LM from a local directory. Trainable: train mode with gradients (partitioned after
+    `enable_zero3_loading`); otherwise eval mode with every parameter frozen (the reference model), whole."""
     path = _existing_dir(path, "model")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    with contextlib.nullcontext() if trainable else _whole_loading():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return _prepare(model, device, trainable)
 
 
@@ -174,9 +228,10 @@ def load_value_model(
     level = report.level
     report.setLevel(logging.ERROR)
     try:
-        model, info = AutoModelForTokenClassification.from_pretrained(
-            str(path), config=config, dtype=dtype, output_loading_info=True
-        )
+        with contextlib.nullcontext() if trainable else _whole_loading():
+            model, info = AutoModelForTokenClassification.from_pretrained(
+                str(path), config=config, dtype=dtype, output_loading_info=True
+            )
     finally:
         report.setLevel(level)
     missing = set(info["missing_keys"])
@@ -187,9 +242,10 @@ def load_value_model(
             f"checkpoint; point the path at a causal LM or a value model saved by rlhf_ray"
         )
     new_head = [name for name, _ in model.score.named_parameters() if f"score.{name}" in missing]
-    with torch.no_grad():
-        for name in new_head:
-            getattr(model.score, name).zero_()
+    head = [getattr(model.score, name) for name in new_head]
+    with torch.no_grad(), _gathered(head):
+        for param in head:
+            param.zero_()
     if new_head:
         logger.info("value model from %s: trunk loaded, scalar head zero-initialised", path)
     return _prepare(model, device, trainable)
@@ -233,8 +289,22 @@ def _existing_dir(path: str | Path, what: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """ZeRO-3-partitioned `params` whole for an in-place change (rank 0's is kept); others as they are."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield
+
+
 def _prepare(model: PreTrainedModel, device: str | torch.device, trainable: bool) -> PreTrainedModel:
-    model.to(device)
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 init placed the partitions
+        model.to(device)
     model.train(trainable)
     model.requires_grad_(trainable)
     return model
@@ -248,11 +318,13 @@ def sequence_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     start: int = 1,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """log p(token t | tokens < t) of every token t >= `start`, `[B, T]` fp32, earlier positions (position
     0 always) = 0; with `with_entropy`, the entropy of the distribution each token was drawn from, aligned
     the same way. Logits are divided by `temperature` (that of the sampler, to score what it sampled from).
-    Differentiable when the model is.
+    Differentiable when the model is; the entropy only with `entropy_grad` (without, it is a detached metric
+    and its softmax over the vocabulary is not kept for the backward pass: a `[B, T, V]` tensor saved).
 
     `start` = the first response position (`response_start`) skips the output layer and the softmax on
     the prompt, which no loss reads: on a 45-token chat prompt with 64-token answers that is 40% of the
@@ -265,7 +337,10 @@ def sequence_logprobs(
     if temperature != 1.0:  # in place when no gradient flows: no second [B, T, V] copy
         logits = logits / temperature if logits.requires_grad else logits.div_(temperature)
     logprobs = _pad_left(logprobs_from_logits(logits, input_ids[:, start:]), start)
-    entropy = _pad_left(entropy_from_logits(logits), start) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        with contextlib.nullcontext() if entropy_grad else torch.no_grad():
+            entropy = _pad_left(entropy_from_logits(logits), start)
     return logprobs, entropy
 
 
