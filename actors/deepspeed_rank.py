@@ -32,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -44,6 +44,9 @@ from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.deepspeed_config import OffloadPlan, rollout_offload_plan
 from rlhf_ray.metrics import extreme
+
+if TYPE_CHECKING:
+    from rlhf_ray.weight_transport import WeightBuckets
 
 LOSS_WEIGHT_KINDS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
@@ -304,7 +307,8 @@ class DeepSpeedRank:
     # ---- parameters ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def _full_parameters(self) -> Iterator[torch.nn.Module]:
-        """The HF model with whole parameters (ZeRO-3: gathered on every rank; a collective)."""
+        """The HF model with whole parameters (ZeRO-3: the WHOLE model gathered on every rank; a collective).
+        For saving and tests; weight sync gathers one bucket at a time instead (`_weight_buckets`)."""
         model = self.engine.module
         if self.stage != 3:
             yield model
@@ -314,14 +318,26 @@ class DeepSpeedRank:
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             yield model
 
-    def export_weights(self) -> list[ray.ObjectRef] | None:
-        """Rank 0: `[ray.put({hf_name: numpy array})]` (a list, so Ray passes the ref on unresolved); the
-        other ranks None. Every rank must call it (under ZeRO-3 the gather is a collective)."""
-        from rlhf_ray.weight_transport import named_weights_numpy
+    def _weight_buckets(self) -> WeightBuckets:
+        """This rank's pass over the weights for one sync, in buckets of `rollout.weight_bucket_mb` (ZeRO-3:
+        each bucket gathered alone, when reached). `weight_export_stats` keeps what the pass gathered."""
+        from rlhf_ray.weight_transport import WeightBuckets, bucket_bytes
 
-        with self._full_parameters() as model:
-            weights = named_weights_numpy(model) if self.rank == 0 else None
-        return [ray.put(weights)] if weights is not None else None
+        weights = WeightBuckets(self.engine.module, bucket_bytes(self.cfg.rollout.weight_bucket_mb))
+        self.weight_export_stats = weights.stats
+        return weights
+
+    def export_weights(self) -> list[ray.ObjectRef] | None:
+        """Rank 0: one object-store ref per bucket (`rlhf_ray.weight_transport.put_weights`), in a list so
+        Ray passes them on unresolved; the other ranks None. Every rank must call it: under ZeRO-3 each
+        bucket's gather is a collective, all ranks pass over the buckets in step."""
+        from rlhf_ray.weight_transport import put_weights
+
+        weights = self._weight_buckets()
+        try:
+            return put_weights(weights) if self.rank == 0 else None
+        finally:
+            weights.drain()  # the other ranks; and rank 0 after a failed put, so its peers are not stranded
 
     def weight_manifest(self) -> list[tuple[str, tuple[int, ...], str]]:
         """`[(hf_name, shape, dtype)]` of what `broadcast_weights` sends, for the receivers."""
@@ -333,10 +349,10 @@ class DeepSpeedRank:
         """Rank 0: start the broadcast side group's store (sender = group rank 0); returns its (addr, port)."""
         if self.rank != 0:
             return None
-        from rlhf_ray.weight_transport import BroadcastSender
+        from rlhf_ray.weight_transport import BroadcastSender, bucket_bytes
 
         self.close_broadcast()
-        self._broadcast = BroadcastSender()
+        self._broadcast = BroadcastSender(bucket_bytes(self.cfg.rollout.weight_bucket_mb))
         return self._broadcast.open(world_size, timeout_s)
 
     def connect_broadcast(self) -> None:
@@ -345,13 +361,15 @@ class DeepSpeedRank:
             self._require_broadcast().connect()
 
     def broadcast_weights(self) -> int | None:
-        """Send the weights to the receivers (concurrently with their receive). Every rank must call it
-        (under ZeRO-3 the gather is a collective); rank 0 sends and returns the bytes sent."""
-        from rlhf_ray.weight_transport import named_weights
-
+        """Send the weights to the receivers (concurrently with their receive) bucket by bucket. Every rank
+        must call it (under ZeRO-3 each bucket's gather is a collective); rank 0 sends and returns the bytes
+        sent."""
         sender = self._require_broadcast() if self.rank == 0 else None
-        with torch.no_grad(), self._full_parameters() as model:
-            return sender.send(named_weights(model)) if sender is not None else None
+        weights = self._weight_buckets()
+        try:
+            return sender.send(weights) if sender is not None else None
+        finally:
+            weights.drain()  # the other ranks; and rank 0 after a failed send, so its peers are not stranded
 
     def close_broadcast(self) -> None:
         if self._broadcast is not None:

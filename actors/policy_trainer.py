@@ -139,8 +139,8 @@ class PolicyTrainer(TrainerHandle):
         return self.group.call_rank0("connect_broadcast")
 
     def broadcast_weights(self) -> list[ray.ObjectRef]:
-        """Refs of every rank's part of one send (ZeRO-3 gathers on all ranks, rank 0 sends; its ref holds
-        the bytes sent): `ray.get` them together with the receivers' receive."""
+        """Refs of every rank's part of one send (ZeRO-3: all ranks gather one bucket at a time, rank 0
+        sends; its ref holds the bytes sent): `ray.get` them together with the receivers' receive."""
         return self.group.call("broadcast_weights")
 
     def close_broadcast(self, timeout: float | None = None) -> None:

@@ -10,7 +10,7 @@ prompts and seed give the same responses however vLLM schedules them. Without `s
 one per call from `cfg.run.seed` (and the engine's rank), so a whole run repeats.
 
 Weights arrive after each training step through either transport of `rlhf_ray.weight_transport`:
-`update_weights_from_store([ref])` (object store) or `open_broadcast` once + `receive_broadcast` per
+`update_weights_from_store(refs)` (object store, one ref per bucket) or `open_broadcast` once + `receive_broadcast` per
 sync (torch.distributed side group). Either way the engine reloads in place, re-ties a tied output layer
 and drops its prefix cache (cached keys/values were computed with the old weights).
 """
@@ -21,7 +21,6 @@ import contextlib
 import logging
 import random
 import time
-import warnings
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -33,7 +32,7 @@ from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.rollout_batch import build_rollout_batch, scatter_response_values, split_sequences
 from rlhf_ray.runtime import device, resolve_dtype, set_actor_threads, setup_process_env
-from rlhf_ray.weight_transport import BroadcastReceiver, ManifestEntry
+from rlhf_ray.weight_transport import BroadcastReceiver, ManifestEntry, bucket_bytes, unpack_bucket
 
 WeightIter = Iterable[tuple[str, Tensor]]
 
@@ -43,11 +42,12 @@ def sample_seeds(seed: int, count: int) -> list[int]:
     return [int(s) >> 1 for s in np.random.SeedSequence(seed).generate_state(count)]
 
 
-def _numpy_weights(weights: dict[str, np.ndarray]) -> Iterator[tuple[str, Tensor]]:
-    with warnings.catch_warnings():  # arrays from the object store are read-only; the loader copies them
-        warnings.simplefilter("ignore", UserWarning)
-        for name, array in weights.items():
-            yield name, torch.from_numpy(array)
+def _store_weights(refs: list[ray.ObjectRef]) -> Iterator[tuple[str, Tensor]]:
+    """The tensors of an object-store payload (`rlhf_ray.weight_transport.put_weights`: one ref per bucket),
+    each bucket fetched only when the loader reaches it: zero-copy, read-only views of the object store's
+    shared memory (the loader copies them into the engine's parameters)."""
+    for ref in refs:
+        yield from unpack_bucket(ray.get(ref))
 
 
 # ---- engines: plain classes, so they also run outside Ray ------------------------------------------------
@@ -319,10 +319,9 @@ class RolloutEngine:
         return elapsed
 
     def update_weights_from_store(self, refs: list[ray.ObjectRef]) -> None:
-        """Object-store transport: `refs[0]` holds `{HF name: numpy array}` (`named_weights_numpy`); it
-        comes in a list so that Ray hands over the reference, and this engine reads it zero-copy."""
-        weights = ray.get(refs[0])
-        self._load(_numpy_weights(weights))
+        """Object-store transport: one ref per bucket (`rlhf_ray.weight_transport.put_weights`), in a list
+        so that Ray hands the references over unresolved; loaded bucket by bucket, read zero-copy."""
+        self._load(_store_weights(refs))
 
     def open_broadcast(
         self,
@@ -338,15 +337,22 @@ class RolloutEngine:
         `receive_broadcast` expects; `timeout_s` bounds every wait on the sender."""
         if self._receiver is not None:
             self._receiver.close()
-        self._receiver = BroadcastReceiver(addr, port, rank, world_size, timeout_s)
+        buckets = bucket_bytes(self.cfg.rollout.weight_bucket_mb)  # the sender cuts with the same size
+        self._receiver = BroadcastReceiver(addr, port, rank, world_size, timeout_s, buckets)
         self._receiver.connect()
         self._manifest = [(n, tuple(s), d) for n, s, d in manifest]
 
     def receive_broadcast(self) -> None:
-        """Receive one sync (concurrently with the sender's `send`) and reload the weights."""
+        """Receive one sync (concurrently with the sender's `send`) and reload the weights as the buckets
+        arrive. The receiver lands every bucket in one reused buffer, so each tensor is copied out before
+        it goes to the loader: vLLM's in-place reload keeps a layer's tensors until all of that layer's
+        weights have arrived (q/k/v of one attention, or gate/up of one MLP, can sit in different buckets)
+        and a padded layer's (the vocabulary embedding) until the end, and views would be overwritten by the
+        next bucket. So the engine holds one bucket buffer plus the copies its loader still keeps, never a
+        second copy of the whole model."""
         if self._receiver is None:
             raise RuntimeError("receive_broadcast: call open_broadcast first")
-        self._load(self._receiver.receive(self._manifest))
+        self._load((name, t.clone()) for name, t in self._receiver.receive(self._manifest))
 
     def close_broadcast(self) -> None:
         if self._receiver is not None:

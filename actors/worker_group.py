@@ -191,8 +191,9 @@ class TrainerHandle:
         self.group = WorkerGroup(self.rank_cls, cfg, cfg.trainer.num_ranks, options_per_rank, init_timeout)
 
     def export_weights(self, timeout: float | None = None) -> list[ray.ObjectRef]:
-        """`[ref]` of `{hf_name: numpy array}` from rank 0 (tied lm_head left out): the object-store weight
-        sync payload, passed on to the rollout engines without being fetched here."""
+        """Rank 0's object-store weight sync payload, one ref per bucket (`rlhf_ray.weight_transport.
+        put_weights`; tied lm_head left out), passed on to the rollout engines without being fetched here
+        (`fetch_weights` turns it into a dict, for tests)."""
         return wait_all(self.group.call("export_weights"), timeout, "export_weights")[0]
 
     def save_checkpoint(self, path: str, timeout: float | None = None) -> None:

@@ -22,7 +22,7 @@ from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.experience import OldLogprobs, mark_old_logprobs, old_logprobs_source
 from rlhf_ray.models import load_causal_lm, sequence_logprobs
-from rlhf_ray.weight_transport import BroadcastReceiver, named_weights
+from rlhf_ray.weight_transport import BroadcastReceiver, fetch_weights, named_weights
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +130,7 @@ def scenario(request, ray_local, tiny_model_dir, tmp_path_factory):
         facts["stats1"] = ray.get(trainer.train(ray.put(step1), kl_coef=0.1), timeout=300)
         facts["after"] = ray.get(trainer.compute_logprobs(batch), timeout=120)
         facts["rank_weights"] = full_weights_per_rank(trainer)
-        facts["exported"] = ray.get(trainer.export_weights(timeout=120)[0], timeout=60)
+        facts["exported"] = fetch_weights(trainer.export_weights(timeout=120), timeout=60)
         peer, manifest = open_broadcast(trainer)
         facts["broadcast"] = broadcast(trainer, peer, manifest)
         facts["local_numel"] = ray.get(
@@ -144,7 +144,7 @@ def scenario(request, ray_local, tiny_model_dir, tmp_path_factory):
         facts["stats2"] = combine_rank_stats(ray.get(trainer.train(step2, kl_coef=0.1), timeout=300))
         facts["after2"] = ray.get(trainer.compute_logprobs(batch), timeout=120)
         # a second sync over the same side group, after the step changed the weights
-        facts["exported2"] = ray.get(trainer.export_weights(timeout=120)[0], timeout=60)
+        facts["exported2"] = fetch_weights(trainer.export_weights(timeout=120), timeout=60)
         facts["broadcast2"] = broadcast(trainer, peer, manifest)
         trainer.close_broadcast(timeout=60)
         if stage == 3:
@@ -239,7 +239,7 @@ def test_broadcast_sends_the_exported_weights(scenario):
     for received, exported in ((scenario["broadcast"], first), (scenario["broadcast2"], second)):
         assert list(received) == list(exported)  # the manifest order: named_weights'
         for name, value in received.items():
-            assert torch.equal(value, torch.from_numpy(exported[name].copy())), name
+            assert torch.equal(value, exported[name]), name
     # the second step changed the weights, and the second sync carried the change: a sync that resent
     # the first step's weights (or nothing, leaving the peer's reused buffers as they were) fails here
     changed = [n for n in first if not (first[n] == second[n]).all()]
@@ -256,7 +256,7 @@ def test_exported_weights_equal_saved_directory_and_ranks(scenario):
     assert "lm_head.weight" not in exported  # tied to the embeddings
     rank0 = scenario["rank_weights"][0]
     for name, value in expected.items():
-        assert torch.equal(torch.from_numpy(exported[name].copy()), value.detach()), name
+        assert torch.equal(exported[name], value.detach()), name
         assert torch.equal(rank0[name], value.detach()), name
     # the saved model is the trained one: it reproduces the trainer's log-probs
     batch = scenario["batch"]
@@ -300,7 +300,7 @@ def test_micro_batching_does_not_change_the_update(ray_local, tiny_model_dir):
         mark_old_logprobs(no_old, OldLogprobs.FROM_UPDATE)
         batches = (step, step, no_old)
         stats = ray.get([t.train(b, kl_coef=0.1)[0] for t, b in zip(trainers, batches)], timeout=300)
-        weights = [ray.get(t.export_weights(timeout=120)[0], timeout=60) for t in trainers]
+        weights = [fetch_weights(t.export_weights(timeout=120), timeout=60) for t in trainers]
         # twice the rows: two optimiser steps, where the second needs the log-probs from before the first
         with pytest.raises(ray.exceptions.RayTaskError, match="no old log-probs.*takes 2 optimiser steps"):
             ray.get(trainers[2].train(Batch.concat([no_old, no_old]), kl_coef=0.1)[0], timeout=120)

@@ -14,7 +14,7 @@ import torch
 from actors.rollout import RolloutEngine
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.models import load_causal_lm, load_tokenizer, sequence_logprobs
-from rlhf_ray.weight_transport import named_weights_numpy
+from rlhf_ray.weight_transport import named_weights, put_weights
 
 pytestmark = pytest.mark.slow
 
@@ -204,7 +204,7 @@ def _check_sync(engine, batch, new_model, do_sync) -> tuple[float, float, float]
 
 def _restore(engine, model_dir):
     original = load_causal_lm(model_dir, trainable=False)
-    ray.get(engine.update_weights_from_store.remote([ray.put(named_weights_numpy(original))]))
+    ray.get(engine.update_weights_from_store.remote(put_weights(original)))
 
 
 @pytest.mark.parametrize("kind", ENGINES)
@@ -212,11 +212,11 @@ def test_update_weights_from_store(engines, kind, prompts, tiny_model_dir, token
     engine = engines[kind]
     batch = ray.get(engine.generate.remote(prompts, 2, seed=11))
     new_model = perturbed(tiny_model_dir, seed=1)
-    weights = named_weights_numpy(new_model)
-    assert "lm_head.weight" not in weights  # tied to the embeddings: the engine re-ties it
+    assert "lm_head.weight" not in dict(named_weights(new_model))  # tied: the engine re-ties it
+    refs = put_weights(new_model)
 
     def sync():
-        ray.get(engine.update_weights_from_store.remote([ray.put(weights)]))
+        ray.get(engine.update_weights_from_store.remote(refs))
 
     stale, synced, elapsed = _check_sync(engine, batch, new_model, sync)
     inner = ray.get(engine.stats.remote())["last_update_s"]

@@ -1,5 +1,7 @@
-"""What weight sync sends (HF names, tied head dropped, bf16 as fp32), the bucket layout, and the gloo
-broadcast side group between real processes (no Ray): round trips, buffer reuse, mismatch detection."""
+"""What weight sync sends (HF names, tied head dropped, the model's dtype bit-exactly, in buckets), the
+bucket layout, the gloo broadcast side group between real processes (no Ray): round trips, one reused
+receive buffer, mismatch detection; and both transports end to end from a 2-rank ZeRO-3 policy to a vLLM
+engine, gathering one bucket at a time."""
 
 import multiprocessing as mp
 import socket
@@ -11,10 +13,14 @@ import torch.distributed as dist
 from rlhf_ray.weight_transport import (
     BroadcastReceiver,
     BroadcastSender,
+    StoreBucket,
+    WeightBuckets,
     WeightSyncError,
     bucket_layout,
+    manifest_nbytes,
     named_weights,
-    named_weights_numpy,
+    store_buckets,
+    unpack_bucket,
     weight_manifest,
 )
 
@@ -26,32 +32,56 @@ def load_causal_lm(*args, **kwargs):
     return load(*args, **kwargs)
 
 
-def test_named_weights_numpy_drops_tied_head_and_copies(tiny_model_dir):
+def stored(model, bucket_bytes: int) -> list[StoreBucket]:
+    """The object-store payload without Ray: each bucket copied out of the reused staging buffer (what
+    `ray.put` does)."""
+    return [StoreBucket(b.bucket, b.data.copy()) for b in store_buckets(WeightBuckets(model, bucket_bytes))]
+
+
+def unpacked(buckets: list[StoreBucket]) -> dict[str, torch.Tensor]:
+    return {name: t for b in buckets for name, t in unpack_bucket(b)}
+
+
+def test_store_payload_drops_tied_head_and_copies(tiny_model_dir):
     model = load_causal_lm(tiny_model_dir, trainable=False)
-    weights = named_weights_numpy(model)
+    weights = unpacked(stored(model, 64 * 2**10))
     state = model.state_dict()
     assert model.config.tie_word_embeddings
     assert set(weights) == set(state) - {"lm_head.weight"}
-    for name, array in weights.items():
-        assert torch.equal(torch.from_numpy(array), state[name]), name
+    for name, tensor in weights.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, state[name]), name
     with torch.no_grad():
         model.model.embed_tokens.weight.add_(1.0)
-    assert not torch.equal(
-        torch.from_numpy(weights["model.embed_tokens.weight"]), model.model.embed_tokens.weight
-    )
+    assert not torch.equal(weights["model.embed_tokens.weight"], model.model.embed_tokens.weight)
     manifest = weight_manifest(model)
     assert [n for n, _, _ in manifest] == list(weights)
     assert all(tuple(weights[n].shape) == s and d == "float32" for n, s, d in manifest)
     assert [n for n, _ in named_weights(model)] == list(weights)
 
 
-def test_named_weights_numpy_bf16_becomes_float32(tiny_model_dir):
-    model = load_causal_lm(tiny_model_dir, dtype=torch.bfloat16, trainable=False)
-    weights = named_weights_numpy(model)
-    name = "model.layers.0.mlp.up_proj.weight"
-    assert weights[name].dtype.name == "float32"
-    assert torch.equal(torch.from_numpy(weights[name]), model.get_parameter(name).float())
-    assert {d for _, _, d in weight_manifest(model)} == {"bfloat16"}
+def test_store_payload_keeps_bf16_bits_in_buckets(tiny_model_dir):
+    """bf16 travels as its own 2 bytes (numpy has no bf16: raw bytes, restored with a dtype view), bit-exactly,
+    half the bytes of the fp32 model; one object per bucket of the layout."""
+    bucket = 64 * 2**10
+    bf16 = load_causal_lm(tiny_model_dir, dtype=torch.bfloat16, trainable=False)
+    fp32 = load_causal_lm(tiny_model_dir, trainable=False)
+    manifest = weight_manifest(bf16)
+    numel = sum(p.numel() for _, p in named_weights(bf16))
+    assert numel == 855_424  # the tiny model without its tied head
+    payload, payload32 = stored(bf16, bucket), stored(fp32, bucket)
+    assert sum(b.data.nbytes for b in payload) == 2 * numel == manifest_nbytes(manifest) == 1_710_848
+    assert sum(b.data.nbytes for b in payload32) == 4 * numel  # what bf16 cost before: upcast to fp32
+    layout = bucket_layout(manifest, bucket)
+    assert [b.bucket for b in payload] == layout
+    # per layer [embed or the previous layer's 2 norms + q], [k, v] (64 KiB exactly), [o], [gate], [up],
+    # [down] (96 KiB each: alone); then [the last 2 norms + the final norm]
+    assert len(payload) == 4 * 6 + 1
+    assert all(b.data.dtype.name == "uint8" for b in payload)
+    assert all(b.data.nbytes <= bucket for b in payload if len(b.bucket.entries) > 1)
+    got = unpacked(payload)
+    for name, param in named_weights(bf16):
+        assert got[name].dtype == torch.bfloat16
+        assert torch.equal(got[name].view(torch.int16), param.detach().view(torch.int16)), name
 
 
 def test_bucket_layout():
@@ -84,18 +114,17 @@ def _manifest(tensors):
     return [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in tensors.items()]
 
 
-def _receiver(addr, port, rank, world, queue, corrupt_last_round):
+def _receiver(addr, port, rank, world, queue, corrupt_round_2):
     try:
         recv = BroadcastReceiver(addr, port, rank, world, timeout_s=60, bucket_bytes=256)
         recv.connect()
         manifest = _manifest(_tensors(1.0))
         buffers = set()
-        for round_ in range(3):
-            if round_ == 2 and corrupt_last_round:
-                manifest = manifest[:-1]
+        for round_ in range(4):  # 0, 1: good; 2: rank 2 expects a tensor less; 3: the sender's buckets differ
+            expected = manifest[:-1] if round_ == 2 and corrupt_round_2 else manifest
             try:
                 got = {}
-                for name, t in recv.receive(manifest):
+                for name, t in recv.receive(expected):
                     buffers.add(t.untyped_storage().data_ptr())
                     got[name] = t.clone()
                 queue.put((rank, round_, got, len(buffers)))
@@ -130,9 +159,11 @@ def test_broadcast_round_trip_between_processes():
             expected.append({n: t.clone() for n, t in weights.items()})
             sent = sender.send(weights)
             assert sent == 33 * 7 * 4 + 130 * 2 + 25 * 4
-        with pytest.raises(WeightSyncError, match="a receiver's manifest differs"):
+        with pytest.raises(WeightSyncError, match="a receiver's manifest or bucket size differs"):
             sender.send(_tensors(3.0))
-        results = [queue.get(timeout=60) for _ in range(8)]
+        with pytest.raises(WeightSyncError, match="a receiver's manifest or bucket size differs"):
+            sender.send(WeightBuckets(weights, bucket_bytes=128))  # receivers cut with 256
+        results = [queue.get(timeout=60) for _ in range(10)]
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -148,11 +179,15 @@ def test_broadcast_round_trip_between_processes():
             assert set(got) == set(want)
             for name in want:
                 assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name])
-            assert n_buffers == 3  # one buffer per bucket (w1, w2 bf16, w3), reused in round 2
+            # three buckets (w1, w2 bf16, w3) all land in one buffer, reused in round 2: the receiver
+            # never holds more than one bucket
+            assert n_buffers == 1
         assert by_key[(rank, "default")][0] is False
     # a mismatch anywhere fails every rank, before any payload moves, and each says who disagreed
-    assert "another receiver's manifest differs" in by_key[(1, 2)][0]
+    assert "another receiver's manifest or bucket size differs" in by_key[(1, 2)][0]
     assert "2 tensors expected here" in by_key[(2, 2)][0] and "rank 0 sends 3" in by_key[(2, 2)][0]
+    for rank in (1, 2):
+        assert "buckets of 256 bytes expected here, rank 0 sends buckets of 128" in by_key[(rank, 3)][0]
     assert not dist.is_initialized()
 
 

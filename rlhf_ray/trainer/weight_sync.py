@@ -1,9 +1,13 @@
 """Weight sync from the policy trainer to the rollout engines: one interface, two transports.
 
-- `ObjectStoreSync` (default, works everywhere): policy rank 0 puts a dict of numpy arrays in the object
-  store (gathered first under ZeRO-3); every engine gets it zero-copy and reloads in place.
-- `BroadcastSync`: a torch.distributed side group from policy rank 0 to the engines (gloo on CPU, NCCL
-  on GPU), opened once and reused; every sync broadcasts the parameters in flat buckets.
+- `ObjectStoreSync` (portable: host memory, works everywhere): policy rank 0 puts the parameters in the
+  object store, one object per bucket, in the model's dtype; every engine gets them zero-copy and reloads
+  in place, bucket by bucket.
+- `BroadcastSync` (the GPU default): a torch.distributed side group from policy rank 0 to the engines
+  (gloo on CPU, NCCL on GPU), opened once and reused; every sync broadcasts the parameters in buckets.
+
+Either way the buckets are `rollout.weight_bucket_mb`, and under ZeRO-3 the trainer ranks gather one
+bucket at a time, never the whole model (`rlhf_ray.weight_transport.WeightBuckets`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ class ObjectStoreSync:
         self.roles, self.timeout = roles, timeout_s
 
     def sync(self) -> None:
-        refs = self.roles.policy.export_weights(self.timeout)  # [ref] of rank 0's numpy dict, not fetched
+        refs = self.roles.policy.export_weights(self.timeout)  # a ref per bucket, not fetched here
         engines = enumerate(self.roles.engines)
         wait_for(
             {role_id.engine(i): e.update_weights_from_store.remote(refs) for i, e in engines}, self.timeout
