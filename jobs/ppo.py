@@ -10,12 +10,14 @@ import json
 
 from actors.placement import needed_cpus
 from jobs.common import init_ray, parse_args
+from jobs.plan import check_at_start
 from rlhf_ray.trainer.ppo import run_ppo
 
 
 def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args(__doc__, argv)
     init_ray(args.address, args.num_cpus, needed_cpus=needed_cpus(cfg))
+    check_at_start(cfg)  # on GPUs: a layout that cannot fit fails now, naming the GPU, roles and keys
     summary = run_ppo(cfg)
     print(json.dumps(summary, indent=1))
     return summary

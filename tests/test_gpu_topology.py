@@ -187,3 +187,21 @@ def test_a_model_role_without_gpus_is_refused_unless_on_purpose(gpu_cluster):
     placement["reference"] = {"num_cpus": 0.5, "allow_cpu": True}
     (ref,) = _probe(_cfg(placement=placement))[role_id.REFERENCE]
     assert ref["gpu_ids"] == [] and ref["device"] == torch.device("cpu")
+
+
+def test_job_start_checks_the_memory_plan_on_gpu_clusters(gpu_cluster):
+    """`jobs.ppo` runs `jobs.plan.check_at_start` before any role: the 7B colocated config on 24 GiB GPUs is
+    refused there, on 80 GiB it passes; the GPUs' size is measured by a task on one (None here: Ray's
+    simulated GPUs have no CUDA behind them, so a job would log that it skipped the plan)."""
+    from pathlib import Path
+
+    from jobs.plan import check_at_start, gpu_memory_of_cluster
+    from rlhf_ray.memory_plan import MemoryPlanError
+
+    config = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "gpu_1x8_colocate.yaml"
+    cfg = RLHFConfig.from_yaml(config)
+    with pytest.raises(MemoryPlanError, match=r"node0:gpu0.*trainer\.zero_stage|gpu_memory_utilization"):
+        check_at_start(cfg, gpu_memory_gib=24)
+    plan = check_at_start(cfg, gpu_memory_gib=80)
+    assert plan is not None and len(plan.gpus) == 8  # 8 GPUs to a node: the busiest node's count
+    assert gpu_memory_of_cluster(timeout_s=60) is None
