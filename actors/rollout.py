@@ -1,13 +1,21 @@
 """`RolloutEngine`: the Ray actor that samples responses from the current policy.
 
 Two engines behind one interface, chosen by `cfg.rollout.engine`:
-- `vllm` (default): vLLM in the actor's own process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), eager mode,
-  a capped KV cache, prefix caching so the samples of one prompt share its KV cache;
+- `vllm` (default): vLLM in the actor's own process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), its arguments
+  from `rlhf_ray.engine_args` (eager mode and a capped KV cache on CPU; CUDA graphs and a share of the GPU
+  on GPU), prefix caching so the samples of one prompt share its KV cache;
 - `hf`: transformers `generate`, a fallback that needs nothing beyond transformers.
 
-Sampling is reproducible: sample i of a call drawn with `seed` uses its own seed f(seed, i), so the same
-prompts and seed give the same responses however vLLM schedules them. Without `seed`, the engine draws
-one per call from `cfg.run.seed` (and the engine's rank), so a whole run repeats.
+Sampling is reproducible, per call: the same prompts and `seed` on the same engine give the same
+responses. How (`rollout.sampling_seeds`, `rlhf_ray.engine_args.per_sample_seeds`): per_sample (CPU
+default) gives sample i of the call its own seed f(seed, i), so a sample is also the same however vLLM
+batches it; per_call (GPU default) leaves the requests unseeded and seeds the engine process's global
+generators with `seed` right before generating. Without `seed`, the engine draws one per call from
+`cfg.run.seed` (and the engine's rank), so a whole run repeats.
+
+Sleep mode (`rollout.sleep`, on by default when colocated on GPUs): `sleep()` frees the engine's GPU memory
+while the trainer works; `wake_up(["weights"])` before a weight sync, `wake_up(["kv_cache"])` before
+generating. vLLM supports it on CUDA only; an engine without it raises on `sleep`/`wake_up`.
 
 Weights arrive after each training step through either transport of `rlhf_ray.weight_transport`:
 `update_weights_from_store(refs)` (object store, one ref per bucket) or `open_broadcast` once + `receive_broadcast` per
@@ -30,16 +38,29 @@ from torch import Tensor
 
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
+from rlhf_ray.engine_args import engine_args, per_sample_seeds
 from rlhf_ray.rollout_batch import build_rollout_batch, scatter_response_values, split_sequences
-from rlhf_ray.runtime import device, resolve_dtype, set_actor_threads, setup_process_env
+from rlhf_ray.runtime import device, has_gpu, resolve_dtype, set_actor_threads, setup_process_env
 from rlhf_ray.weight_transport import BroadcastReceiver, ManifestEntry, bucket_bytes, unpack_bucket
 
 WeightIter = Iterable[tuple[str, Tensor]]
+SLEEP_TAGS = ("weights", "kv_cache")  # what vLLM's sleep frees and wake_up(tags) takes back, in wake order
 
 
 def sample_seeds(seed: int, count: int) -> list[int]:
     """Per-sample seeds f(seed, i), i < count: well mixed, in [0, 2**31)."""
     return [int(s) >> 1 for s in np.random.SeedSequence(seed).generate_state(count)]
+
+
+def seed_global_generators(seed: int) -> None:
+    """Seed the generators an unseeded vLLM request draws from in this process (the engine runs in it:
+    VLLM_ENABLE_V1_MULTIPROCESSING=0, tensor_parallel_size=1). vLLM 0.32: the V1 model runner's samplers
+    draw from torch's default generators (CPU: `TopKTopPSampler.forward_cpu`, `torch.randint`; CUDA:
+    `random_sample`, `q.exponential_()`); the V2 model runner (the CUDA default when Triton is present) gives
+    each unseeded request a seed from numpy's global generator (`v1/worker/gpu/sample/states.py`,
+    `add_request`). `torch.manual_seed` seeds the CPU and every CUDA generator."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def _store_weights(refs: list[ray.ObjectRef]) -> Iterator[tuple[str, Tensor]]:
@@ -52,41 +73,45 @@ def _store_weights(refs: list[ray.ObjectRef]) -> Iterator[tuple[str, Tensor]]:
 
 # ---- engines: plain classes, so they also run outside Ray ------------------------------------------------
 class VLLMGenerator:
-    """vLLM in this process. Rollout log-probs are vLLM's `processed_logprobs`: those of the distribution
-    actually sampled from (after temperature), which is what the trainer computes with the same temperature."""
+    """vLLM in this process, engine `rank` of the run. Rollout log-probs are vLLM's `processed_logprobs`:
+    those of the distribution actually sampled from (after temperature), which is what the trainer computes
+    with the same temperature."""
 
-    def __init__(self, cfg: RLHFConfig, tokenizer_path: str):
+    def __init__(self, cfg: RLHFConfig, tokenizer_path: str, rank: int = 0):
         from vllm import LLM  # after setup_process_env/set_threads: vLLM reads them at import/start
 
+        gpu = has_gpu()
+        args = engine_args(cfg, tokenizer_path, gpu, rank)
         self.cfg = cfg
-        self.max_model_len = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
-        self.llm = LLM(
-            model=cfg.model.policy_path,
-            tokenizer=tokenizer_path,
-            dtype=str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
-            enforce_eager=True,
-            max_model_len=self.max_model_len,
-            kv_cache_memory_bytes=int((cfg.rollout.kv_cache_gib or 1.0) * 2**30),
-            enable_prefix_caching=cfg.rollout.enable_prefix_caching,
-            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-            seed=cfg.run.seed,
-            logprobs_mode="processed_logprobs",
-        )
+        self.max_model_len = args["max_model_len"]
+        self.per_sample_seeds = per_sample_seeds(cfg, gpu)
+        self.can_sleep: bool = args["enable_sleep_mode"]
+        self._asleep: set[str] = set()  # of SLEEP_TAGS: what sleep() freed and wake_up() has not taken back
+        self.llm = LLM(**args)
 
     def generate(
-        self, prompts: list[list[int]], seeds: list[int], greedy: bool, max_new_tokens: int
+        self, prompts: list[list[int]], seed: int, greedy: bool, max_new_tokens: int
     ) -> tuple[list[list[int]], list[list[float]]]:
+        """One response per prompt and its sampler log-probs; the same `seed` repeats the call."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._require_awake("generate")
         r = self.cfg.rollout
+        seeds: list[int | None] = [None] * len(prompts)
+        if greedy:
+            pass  # nothing is drawn
+        elif self.per_sample_seeds:
+            seeds = list(sample_seeds(seed, len(prompts)))
+        else:
+            seed_global_generators(seed)
         params = [
             SamplingParams(
                 n=1,
                 max_tokens=max_new_tokens,
                 temperature=0.0 if greedy else r.temperature,
                 top_p=1.0 if greedy else r.top_p,
-                seed=None if greedy else s,
+                seed=s,
                 logprobs=0,
                 detokenize=False,
             )
@@ -106,6 +131,7 @@ class VLLMGenerator:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._require_awake("score")
         fulls = [p + r for p, r in sequences]
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=f) for f in fulls], params, use_tqdm=False)
@@ -113,6 +139,51 @@ class VLLMGenerator:
             [float(o.prompt_logprobs[t][full[t]].logprob) for t in range(1, len(full))]
             for o, full in zip(outs, fulls)
         ]
+
+    # ---- sleep mode (RECIPES/GPU_PATH: colocated engines sleep while the trainer works) ------------------
+    def sleep(self, level: int = 1) -> None:
+        """Free the engine's GPU memory: level 1 moves the weights to host memory and drops the KV cache,
+        level 2 drops the weights too (the next weight sync must then send all of them). Does nothing when
+        already asleep. Needs sleep mode (`rollout.sleep`, `rlhf_ray.engine_args.sleep_enabled`)."""
+        self._require_sleep_mode("sleep")
+        if level not in (1, 2):
+            raise ValueError(f"sleep(level={level}): level 1 (weights to host memory) or 2 (weights dropped)")
+        if not self._asleep:
+            self.llm.sleep(level=level)
+            self._asleep = set(SLEEP_TAGS)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take back the memory of `tags` (None: all): "weights" before a weight sync, then "kv_cache"
+        before generating, so the trainer's weights and the KV cache are never both allocated anew at once.
+        Tags already awake are skipped; vLLM resumes scheduling once everything is awake."""
+        self._require_sleep_mode("wake_up")
+        wanted = list(SLEEP_TAGS) if tags is None else list(tags)
+        unknown = [t for t in wanted if t not in SLEEP_TAGS]
+        if unknown:
+            raise ValueError(f"wake_up(tags={tags}): unknown tags {unknown}; vLLM's are {list(SLEEP_TAGS)}")
+        todo = [t for t in SLEEP_TAGS if t in wanted and t in self._asleep]
+        if todo:
+            self.llm.wake_up(tags=todo)
+            self._asleep -= set(todo)
+
+    def is_sleeping(self) -> bool:
+        """Whether any of the engine's memory is still freed by `sleep` (it cannot generate until not)."""
+        return bool(self._asleep)
+
+    def _require_sleep_mode(self, what: str) -> None:
+        if not self.can_sleep:
+            raise RuntimeError(
+                f"{what}: this engine runs without vLLM's sleep mode (rollout.sleep={self.cfg.rollout.sleep}, "
+                f"placement.mode={self.cfg.placement.mode}, GPU: {has_gpu()}); sleep mode is on with "
+                f"rollout.sleep=true, or by default when colocated on GPUs, and needs a GPU"
+            )
+
+    def _require_awake(self, what: str) -> None:
+        # a sleeping vLLM engine pauses its scheduler: llm.generate would wait forever instead of failing
+        if self._asleep:
+            raise RuntimeError(
+                f"{what}: the engine is asleep ({sorted(self._asleep)} freed); call wake_up() first"
+            )
 
     def load_weights(self, weights: WeightIter) -> None:
         """RECIPES "Updating weights in place": `reload_weights` (plain `load_weights` misses vLLM's CPU
@@ -156,7 +227,10 @@ def _quiet_tied_head_warnings() -> Iterator[None]:
 
 class HFGenerator:
     """transformers `generate` (left-padded batches). A call with one seed is reproducible, but a sample
-    depends on the whole call (one generator for the batch), not only on its own seed."""
+    depends on the whole call (one generator for the batch), not only on its own seed. No sleep mode: it
+    is vLLM's, and this fallback is not meant to share a GPU with the trainer (`sleep`/`wake_up` raise)."""
+
+    can_sleep = False
 
     def __init__(self, cfg: RLHFConfig, tokenizer, micro_batch: int = 64):
         from rlhf_ray.models import load_causal_lm
@@ -169,9 +243,12 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[list[int]], seeds: list[int], greedy: bool, max_new_tokens: int
+        self, prompts: list[list[int]], seed: int, greedy: bool, max_new_tokens: int
     ) -> tuple[list[list[int]], list[list[float]]]:
+        """One response per prompt and its sampler log-probs; micro-batch k draws from the seed of its
+        first sample, f(seed, start of k)."""
         r, pad, eos = self.cfg.rollout, self.tok.pad_token_id, self.tok.eos_token_id
+        seeds = sample_seeds(seed, len(prompts))
         responses, logprobs = [], []
         for start in range(0, len(prompts), self.micro_batch):
             chunk = prompts[start : start + self.micro_batch]
@@ -217,6 +294,15 @@ class HFGenerator:
         lengths = batch["attention_mask"].sum(1).tolist()
         return [lp[b, 1:n].tolist() for b, n in enumerate(lengths)]
 
+    def sleep(self, level: int = 1) -> None:
+        raise RuntimeError("sleep: the transformers engine has no sleep mode; use rollout.engine=vllm")
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        raise RuntimeError("wake_up: the transformers engine has no sleep mode; use rollout.engine=vllm")
+
+    def is_sleeping(self) -> bool:
+        return False
+
     @torch.no_grad()
     def load_weights(self, weights: WeightIter) -> None:
         params = dict(self.model.named_parameters())
@@ -244,8 +330,9 @@ class RolloutEngine:
         self.cfg, self.rank = cfg, rank
         tokenizer_path = cfg.model.tokenizer_path or cfg.model.policy_path
         self.tokenizer = load_tokenizer(tokenizer_path, chat_template=cfg.data.chat_template)
+        self.engine: VLLMGenerator | HFGenerator
         if cfg.rollout.engine == "vllm":
-            self.engine = VLLMGenerator(cfg, tokenizer_path)
+            self.engine = VLLMGenerator(cfg, tokenizer_path, rank)
         else:
             self.engine = HFGenerator(cfg, self.tokenizer)
         self._seeds = random.Random(cfg.run.seed * 100_003 + rank)
@@ -286,9 +373,7 @@ class RolloutEngine:
             seed = self._seeds.getrandbits(31)
         expanded = [list(p) for p in prompts for _ in range(n)]
         start = time.perf_counter()
-        responses, logprobs = self.engine.generate(
-            expanded, sample_seeds(seed, len(expanded)), greedy, max_new
-        )
+        responses, logprobs = self.engine.generate(expanded, seed, greedy, max_new)
         self._stats["generate_s"] += time.perf_counter() - start
         self._stats["num_generated_tokens"] += sum(len(r) for r in responses)
         self._stats["num_prompt_tokens"] += sum(len(p) for p in expanded)
@@ -358,6 +443,24 @@ class RolloutEngine:
         if self._receiver is not None:
             self._receiver.close()
             self._receiver = None
+
+    # ---- sleep mode (colocated on GPUs: the trainer's loop frees the engine's memory between rollouts) -----
+    def can_sleep(self) -> bool:
+        """Whether this engine runs with vLLM's sleep mode (`rlhf_ray.engine_args.sleep_enabled`)."""
+        return self.engine.can_sleep
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the engine's GPU memory (level 1: weights to host memory, KV cache dropped; level 2: both
+        dropped). Raises when the engine has no sleep mode (see `can_sleep`)."""
+        self.engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take back the memory of `tags` (None: all): ["weights"] before a weight sync, ["kv_cache"]
+        before generating."""
+        self.engine.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping()
 
     # ---- counters -----------------------------------------------------------------------------------
     def num_generated_tokens(self) -> int:

@@ -28,7 +28,7 @@ LOGPROB_TOL = 2e-5
 STALE_MIN_DIFF = 0.05
 
 
-def make_cfg(model_dir, engine: str) -> RLHFConfig:
+def make_cfg(model_dir, engine: str, **rollout) -> RLHFConfig:
     return RLHFConfig.from_dict(
         {
             "model": {"policy_path": str(model_dir), "dtype": "float32"},
@@ -39,6 +39,7 @@ def make_cfg(model_dir, engine: str) -> RLHFConfig:
                 "temperature": TEMPERATURE,
                 "kv_cache_gib": 0.25,
                 "samples_per_prompt": 3,
+                **rollout,
             },
             "run": {"seed": 0},
             "algorithm": {"mini_batch_size": 8},
@@ -63,10 +64,13 @@ def hf_model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def engines(ray_local, tiny_model_dir):
-    """One engine of each kind for the whole module (vLLM start-up dominates the cost)."""
+    """One engine of each kind for the whole module (vLLM start-up dominates the cost), and a vLLM engine
+    seeding per call (the GPU default) instead of per sample (the CPU default)."""
     started = {
         kind: RolloutEngine.options(num_cpus=1).remote(make_cfg(tiny_model_dir, kind)) for kind in ENGINES
     }
+    per_call = make_cfg(tiny_model_dir, "vllm", sampling_seeds="per_call")
+    started["vllm_per_call"] = RolloutEngine.options(num_cpus=1).remote(per_call)
     ray.get([e.ping.remote() for e in started.values()])
     yield started
     for e in started.values():
@@ -154,6 +158,44 @@ def test_generate_is_reproducible(engines, kind, prompts):
     if kind == "vllm":  # per-sample seeds: a sample does not depend on what else is in the call
         first = ray.get(e.generate.remote(prompts[:1], 2, seed=7))
         assert torch.equal(first["input_ids"], a["input_ids"][:2, : first.seq_len])
+
+
+def test_per_call_seeding_repeats(engines, prompts):
+    """rollout.sampling_seeds=per_call: the requests carry no seed and the engine seeds its process's
+    generators with the call's seed, so the same call repeats on the same engine (here with another call
+    and the prefix cache's warm-up in between) and another seed draws other samples."""
+    e = engines["vllm_per_call"]
+    a, c, b = ray.get(
+        [
+            e.generate.remote(prompts, 2, seed=7),
+            e.generate.remote(prompts, 2, seed=8),
+            e.generate.remote(prompts, 2, seed=7),
+        ]
+    )
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert torch.equal(a["rollout_logprobs"], b["rollout_logprobs"])
+    assert not torch.equal(a["input_ids"], c["input_ids"])
+    # the seed reached the engine's generators, not the requests: per-sample seeding draws otherwise
+    per_sample = ray.get(engines["vllm"].generate.remote(prompts, 2, seed=7))
+    assert not torch.equal(a["input_ids"], per_sample["input_ids"])
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_sleep_needs_sleep_mode(engines, kind):
+    """On the CPU no engine has vLLM's sleep mode (it needs CUDA): sleep and wake_up say so instead of
+    pausing an engine that could not free anything."""
+    e = engines[kind]
+    assert ray.get(e.can_sleep.remote()) is False
+    assert ray.get(e.is_sleeping.remote()) is False
+    with pytest.raises(
+        ray.exceptions.RayTaskError, match="sleep: .*(without vLLM's sleep mode|no sleep mode)"
+    ):
+        ray.get(e.sleep.remote())
+    with pytest.raises(
+        ray.exceptions.RayTaskError, match="wake_up: .*(without vLLM's sleep mode|no sleep mode)"
+    ):
+        ray.get(e.wake_up.remote(["weights"]))
+    assert ray.get(e.is_sleeping.remote()) is False
 
 
 @pytest.mark.parametrize("kind", ENGINES)
