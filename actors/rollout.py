@@ -15,7 +15,7 @@ generators with `seed` right before generating. Without `seed`, the engine draws
 
 Sleep mode (`rollout.sleep`, on by default when colocated on GPUs): `sleep()` frees the engine's GPU memory
 while the trainer works; `wake_up(["weights"])` before a weight sync, `wake_up(["kv_cache"])` before
-generating. vLLM supports it on CUDA only; an engine without it raises on `sleep`/`wake_up`.
+generating. vLLM supports it on GPUs only; an engine without it raises on `sleep`/`wake_up`.
 
 Weights arrive after each training step through either transport of `rlhf_ray.weight_transport`:
 `update_weights_from_store(refs)` (object store, one ref per bucket) or `open_broadcast` once + `receive_broadcast` per

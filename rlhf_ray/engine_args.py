@@ -9,7 +9,7 @@ What differs between CPU and GPU, and why (vLLM 0.32):
   vLLM sizes it from `gpu_memory_utilization` unless `rollout.kv_cache_gib` is given;
 - `gpu_memory_utilization`: the share of the GPU one engine may take; vLLM demands it free at start-up, so
   an engine sharing its GPU with a trainer rank (placement.mode=colocate) asks for less;
-- sleep mode (free weights and KV cache while the trainer works): CUDA/ROCm only in vLLM.
+- sleep mode (free weights and KV cache while the trainer works): GPUs only (vLLM: CUDA, ROCm, XPU).
 
 Sampling seeds (`rollout.sampling_seeds`) are resolved here too, since the same reasoning applies: see
 `per_sample_seeds`.
@@ -40,8 +40,9 @@ def sleep_enabled(cfg: RLHFConfig, gpu: bool) -> bool:
 
     `rollout.sleep` when set; null: only when the engine shares GPUs with the trainer (placement.mode=
     colocate), where both cannot hold their memory at once. Never for the transformers engine (sleep mode is
-    vLLM's). vLLM 0.32 refuses sleep mode off CUDA/ROCm (`ModelConfig.__post_init__`: "Sleep mode is not
-    supported on current platform"), so `rollout.sleep=true` on an engine without a GPU is a config error.
+    vLLM's). vLLM 0.32 refuses sleep mode off CUDA/ROCm/XPU (`ModelConfig.__post_init__`: "Sleep mode is not
+    supported on current platform"; its CPU worker's sleep would do nothing anyway), so `rollout.sleep=true`
+    on an engine without a GPU is a config error.
     """
     r = cfg.rollout
     if r.engine != "vllm":
@@ -50,8 +51,8 @@ def sleep_enabled(cfg: RLHFConfig, gpu: bool) -> bool:
         return gpu and cfg.placement.mode == "colocate"
     if r.sleep and not gpu:
         raise ConfigError(
-            f"rollout.sleep=true: vLLM's sleep mode frees GPU memory and needs CUDA (vLLM refuses it on "
-            f"other platforms), but this engine has no GPU (placement.rollout.num_gpus="
+            f"rollout.sleep=true: vLLM's sleep mode frees GPU memory and needs a GPU (vLLM refuses it on the "
+            f"CPU), but this engine has no GPU (placement.rollout.num_gpus="
             f"{cfg.placement.rollout.num_gpus}); set rollout.sleep=null (it sleeps only when colocated on "
             f"GPUs) or give the engines GPUs (placement.rollout.num_gpus=1)"
         )

@@ -197,7 +197,8 @@ def test_vllm_builds_its_engine_config_from_the_arguments(name, tiny_model_dir):
 
 def test_vllm_refuses_sleep_mode_off_cuda(tiny_model_dir):
     """Why `rollout.sleep=true` without a GPU is a config error: vLLM 0.32 refuses sleep mode on any
-    platform but CUDA/ROCm/XPU (`ModelConfig.__post_init__`, `Platform.is_sleep_mode_available`)."""
+    platform but CUDA/ROCm/XPU (`ModelConfig.__post_init__`, `Platform.is_sleep_mode_available`). If a
+    later vLLM lifts this, the error in `sleep_enabled` should be revisited."""
     from vllm import EngineArgs
 
     with pytest.raises(ValueError, match="Sleep mode is not supported"):
