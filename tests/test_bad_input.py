@@ -204,6 +204,31 @@ ROWS: dict[str, Row] = {
         ConfigError,
         ("algorithm.estimator='ppo2'", "choose one of", "'grpo'"),
     ),
+    "sleep mode for engines without a GPU": Row(
+        lambda env: trainer(env, rollout={"sleep": True}),
+        ConfigError,
+        ("rollout.sleep=true", "needs a GPU", "placement.rollout.num_gpus=1"),
+    ),
+    "tensor-parallel engines": Row(
+        lambda env: RLHFConfig.from_dict({"rollout": {"tensor_parallel_size": 2}}),
+        ConfigError,
+        ("rollout.tensor_parallel_size=2", "not supported", "rollout.num_engines"),
+    ),
+    "colocated NCCL broadcast on GPUs": Row(
+        lambda env: RLHFConfig.from_dict(
+            {
+                "placement": {"mode": "colocate", "policy": {"num_gpus": 1}},
+                "rollout": {"weight_sync": "broadcast"},
+            }
+        ),
+        ConfigError,
+        ("rollout.weight_sync='broadcast'", "NCCL refuses", "rollout.weight_sync=object_store"),
+    ),
+    "a group count for a role that has its own": Row(
+        lambda env: RLHFConfig.from_dict({"placement": {"rollout": {"num_actors": 2}}}),
+        ConfigError,
+        ("placement.rollout.num_actors=2", "rollout.num_engines"),
+    ),
     "more GPUs than the cluster has": Row(
         lambda env: start_roles_with(env, placement={"rollout": {"num_gpus": one_gpu_more(env)}}),
         PlacementError,

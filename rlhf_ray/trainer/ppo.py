@@ -67,7 +67,8 @@ class DriverState:
 
 
 def check_inputs(cfg: RLHFConfig) -> None:
-    """The paths an RL run reads exist: a `ConfigError`/`DataError` naming the key, before any actor."""
+    """The paths an RL run reads exist, and the engines can sleep if asked to: a `ConfigError`/`DataError`
+    naming the key, before any actor."""
     require_model_dir(cfg.model.policy_path, "model.policy_path")
     for key in ("tokenizer_path", "critic_path"):
         if getattr(cfg.model, key):
@@ -78,6 +79,7 @@ def check_inputs(cfg: RLHFConfig) -> None:
         raise DataError(
             f"data.train_path is not set: give a JSONL/Parquet file of prompts (field {cfg.data.prompt_field!r})"
         )
+    engines_sleep(cfg)  # rollout.sleep=true for engines without GPUs: a ConfigError now, not in the actor
 
 
 def kl_controller(cfg: RLHFConfig) -> FixedKLController | AdaptiveKLController:
