@@ -1,12 +1,15 @@
-"""RL stage features on a tiny model: colocated placement with the broadcast weight sync and an HTTP
-reward server. (Resume, and that the driver never holds a batch: tests/test_resume_exact.py.)"""
+"""RL stage features on a tiny model: colocated placement with the broadcast weight sync, an HTTP reward
+server, and the reference and reward as groups of two actors that give the experience one actor gives.
+(Resume, and that the driver never holds a batch: tests/test_resume_exact.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import ray
+import torch
 
 from actors import role_id
+from rlhf_ray.batch import Batch
 from rlhf_ray.data.synthetic import digit_shaped_reward, write_task
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.rewards import serve_rule_function
@@ -47,6 +50,22 @@ def placement_of(actor) -> tuple[str, str | None, set[int]]:
     return ray.get(actor.__ray_call__.remote(ask), timeout=60)
 
 
+def experience_of(trainer: PPOTrainer, reference: list, reward: list) -> tuple[Batch, dict[str, float]]:
+    """The next step's experience (batch and stats) as the given reference and reward actors score it;
+    the data position and the reward normaliser are put back, so each call makes the same step from the
+    same prompts and sampling seeds."""
+    roles, data, normalizer = trainer.roles, trainer.prompts.state_dict(), trainer.normalizer
+    kept = roles.reference, roles.reward
+    roles.reference, roles.reward = reference, reward
+    try:
+        batch, stats, _ = trainer.make_experience(trainer.kl_ctl.value)
+        return ray.get(batch, timeout=60), stats
+    finally:
+        roles.reference, roles.reward = kept
+        trainer.prompts.load_state_dict(data)
+        trainer.normalizer = normalizer
+
+
 def test_colocated_broadcast_sync_and_http_reward(ray_local, tiny_model_dir, task, tmp_path):
     server, url = serve_rule_function(digit_shaped_reward)
     try:
@@ -54,7 +73,12 @@ def test_colocated_broadcast_sync_and_http_reward(ray_local, tiny_model_dir, tas
             tiny_model_dir,
             task,
             tmp_path / "run",
-            placement={"mode": "colocate", "policy": {"num_cpus": 2}},
+            placement={
+                "mode": "colocate",
+                "policy": {"num_cpus": 2},
+                "reference": {"num_actors": 2},
+                "reward": {"num_actors": 2},
+            },
             rollout={"weight_sync": "broadcast"},
             reward={"kind": "http", "url": url, "function": None},
             run={"total_steps": 3, "eval_prompts": 8},
@@ -63,18 +87,23 @@ def test_colocated_broadcast_sync_and_http_reward(ray_local, tiny_model_dir, tas
         try:
             trainer.start()
             roles, plan = trainer.roles, trainer.roles.plan
-            # colocate: rollout engine 0 and the reference share policy rank 0's bundle; rank 1 and the
-            # reward model have their own
+            # colocate: rollout engine 0 and reference actor 0 share policy rank 0's bundle, reference actor
+            # 1 rank 1's; the two reward actors have their own
+            ref0, ref1 = role_id.members(role_id.REFERENCE, 2)
+            assert roles.ids()[-4:] == [ref0, ref1, *role_id.members(role_id.REWARD, 2)]
             shared = plan.bundles_of(role_id.rank(role_id.POLICY, 0))
             assert len(shared) == 1
-            assert plan.bundles_of(role_id.engine(0)) == shared == plan.bundles_of(role_id.REFERENCE)
-            others = plan.bundles_of(role_id.rank(role_id.POLICY, 1)) + plan.bundles_of(role_id.REWARD)
-            assert shared[0] not in others
+            assert plan.bundles_of(role_id.engine(0)) == shared == plan.bundles_of(ref0)
+            assert plan.bundles_of(ref1) == plan.bundles_of(role_id.rank(role_id.POLICY, 1)) != shared
+            reward_bundles = plan.bundles_of(role_id.REWARD)
+            assert len(set(reward_bundles)) == 2 and not set(reward_bundles) & set(
+                plan.bundles_of(role_id.POLICY)
+            )
             # ... and the actors really run there: in that bundle of the run's group, on one node
             colocated = {
                 "policy rank 0": roles.policy.group.actors[0],
                 "rollout engine 0": roles.engines[0],
-                "reference model": roles.reference[0],
+                "reference model 0": roles.reference[0],
             }
             where = {name: placement_of(actor) for name, actor in colocated.items()}
             group = plan.placement_group.id.hex()
@@ -84,6 +113,19 @@ def test_colocated_broadcast_sync_and_http_reward(ray_local, tiny_model_dir, tas
             assert placement_of(roles.policy.group.actors[1])[2] == set(
                 plan.bundles_of(role_id.rank(role_id.POLICY, 1))
             )
+            assert placement_of(roles.reference[1])[2] == set(plan.bundles_of(ref1))
+
+            # two actors each scoring half the batch make the experience one actor makes of all of it
+            groups, group_stats = experience_of(trainer, roles.reference, roles.reward)
+            single, single_stats = experience_of(trainer, roles.reference[:1], roles.reward[:1])
+            assert torch.equal(groups["input_ids"], single["input_ids"])  # the same rollout
+            response = single["response_mask"].bool()
+            for key, read in (("ref_logprobs", response), ("scores", ...), ("advantages", response)):
+                diff = float((groups[key] - single[key])[read].abs().max())
+                print(f"{key}: two actors vs one, max |diff| {diff:.2e}")
+                assert diff <= 1e-6, (key, diff)
+            assert single["scores"].std() > 0 and single["ref_logprobs"][response].abs().min() > 0
+            assert group_stats["kl"] == pytest.approx(single_stats["kl"], abs=1e-6)
             trainer.fit()
         finally:
             trainer.shutdown()
@@ -96,3 +138,4 @@ def test_colocated_broadcast_sync_and_http_reward(ray_local, tiny_model_dir, tas
     # after each broadcast sync the engine samples from the trainer's current weights
     assert max(r["rollout_vs_trainer_logprob_diff"] for r in rows) < 1e-3
     assert rows[-1]["time/sync"] > 0
+    assert all(r["time/reference"] > 0 and r["time/reward"] > 0 for r in rows)

@@ -1,5 +1,6 @@
 """ReferenceModel and RewardModel actors on real Ray with the tiny model: reference log-probs equal the
-shared `models.sequence_logprobs`; rewards from a reward model, a rule function and an HTTP scorer."""
+shared `models.sequence_logprobs`; rewards from a reward model, a rule function and an HTTP scorer; a group
+of actors scoring slices of a batch gives what one actor gives on the whole batch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import ray
 import torch
 
+from actors import role_id
 from actors.reference import ReferenceModel
 from actors.reward import RewardModel
 from rlhf_ray.config import RLHFConfig
@@ -21,6 +23,7 @@ from rlhf_ray.models import (
 )
 from rlhf_ray.rewards import serve_rule_function
 from rlhf_ray.rollout_batch import build_rollout_batch
+from rlhf_ray.trainer.scoring import score_joined
 
 pytestmark = pytest.mark.slow
 
@@ -122,6 +125,29 @@ def test_text_rewards_equal_gold(actors, batch, kind):
     scores = ray.get(actors[kind].score.remote(batch))["scores"]
     assert scores.dtype == torch.float32
     assert scores.tolist() == pytest.approx(gold_reward(PROMPTS, RESPONSES))
+
+
+@pytest.mark.parametrize("kind", ["reference", "model", "rule", "http"])
+def test_a_group_scores_slices_and_joins_them_in_row_order(actors, batch, kind):
+    """`placement.<role>.num_actors` actors each score a contiguous slice; joined, the answers are the
+    one actor's on the whole batch. The group here is one actor named several times (the slicing and the
+    joining do not care whose the handles are), so it costs no start-up: 2 slices (rows 0-1, 2-4), and 6
+    slices for 5 rows, one of them empty, each scored in micro-batches of its own."""
+    method, field = ("logprobs", "ref_logprobs") if kind == "reference" else ("score", "scores")
+    role = role_id.REFERENCE if kind == "reference" else role_id.REWARD
+    ref = ray.put(batch)
+    whole = ray.get(getattr(actors[kind], method).remote(ref))[field]
+    # the reference's values are read at response positions only (before a micro-batch's first response
+    # position it writes 0, and a slice's micro-batches start elsewhere than the whole batch's)
+    read = batch["response_mask"].bool() if kind == "reference" else torch.ones_like(whole, dtype=torch.bool)
+    for n in (2, 6):
+        joined = ray.get(score_joined(ref, role, [actors[kind]] * n, method), timeout=60)[field]
+        assert joined.shape == whole.shape
+        diff = (joined - whole)[read].abs()
+        relative = float((diff / whole[read].abs().clamp(min=1.0)).max())
+        print(f"{kind}, {n} slices vs one actor: max |diff| {float(diff.max()):.2e}, relative {relative:.2e}")
+        # equal up to float32 rounding: other micro-batch shapes take other kernels' summation orders
+        assert relative <= 1e-6, (kind, n, relative)
 
 
 def test_bad_rule_function_fails_clearly(ray_local, tiny_model_dir):
