@@ -1,5 +1,6 @@
 """RL stage features on a tiny model: colocated placement with the broadcast weight sync, an HTTP reward
-server, and the reference and reward as groups of two actors that give the experience one actor gives.
+server, and the reference and reward as groups of two actors that give the experience one actor gives
+(one of which dies and is restarted alone).
 (Resume, and that the driver never holds a batch: tests/test_resume_exact.py.)"""
 
 from __future__ import annotations
@@ -126,7 +127,13 @@ def test_colocated_broadcast_sync_and_http_reward(ray_local, tiny_model_dir, tas
                 assert diff <= 1e-6, (key, diff)
             assert single["scores"].std() > 0 and single["ref_logprobs"][response].abs().min() > 0
             assert group_stats["kl"] == pytest.approx(single_stats["kl"], abs=1e-6)
+
+            # one actor of a group dies: the first step meets it, recovery restarts that actor alone
+            lost, kept = roles.reference[1], roles.reference[0]
+            ray.kill(lost, no_restart=True)
             trainer.fit()
+            assert trainer.recovery.restarts == 1
+            assert roles.reference[0] is kept and roles.reference[1] is not lost
         finally:
             trainer.shutdown()
     finally:
@@ -139,3 +146,4 @@ def test_colocated_broadcast_sync_and_http_reward(ray_local, tiny_model_dir, tas
     assert max(r["rollout_vs_trainer_logprob_diff"] for r in rows) < 1e-3
     assert rows[-1]["time/sync"] > 0
     assert all(r["time/reference"] > 0 and r["time/reward"] > 0 for r in rows)
+    assert [r["faults/restarts"] for r in rows] == [1, 1, 1]
