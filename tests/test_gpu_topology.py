@@ -115,16 +115,17 @@ def test_one_node_of_eight_gpus_separate(gpu_cluster):
             "strategy": "STRICT_PACK",
             "policy": _on("trainer"),
             "rollout": _on("trainer"),
-            "reference": _on("trainer"),
+            "reference": {**_on("trainer"), "num_actors": 2},  # each scores half the batch
             "reward": {"num_cpus": 0.5},  # a rule: no GPU, no model
         },
     )
     reports = _probe(cfg)
+    assert len(reports[role_id.REFERENCE]) == 2
     gpu_roles = [
         r for role in (role_id.POLICY, role_id.ROLLOUT_ENGINES, role_id.REFERENCE) for r in reports[role]
     ]
     assert len({r["node"] for r in gpu_roles}) == 1  # the whole layout on one 8-GPU node
-    assert len({_gpu(r) for r in gpu_roles}) == 7  # 4 ranks + 2 engines + reference: a GPU each
+    assert len({_gpu(r) for r in gpu_roles}) == 8  # 4 ranks + 2 engines + 2 reference actors: a GPU each
     for rep in gpu_roles:
         _assert_gpu_rank(rep)
     assert [r["node_rank"] for r in reports[role_id.POLICY]] == [0, 1, 2, 3]
@@ -165,7 +166,12 @@ def test_colocated_roles_share_the_policy_ranks_gpus(gpu_cluster):
     cfg = _cfg(
         trainer={"num_ranks": 8},
         rollout={"num_engines": 8},
-        placement={"mode": "colocate", "policy": _on("trainer"), "reward": {"num_cpus": 0.5}},
+        placement={
+            "mode": "colocate",
+            "policy": _on("trainer"),
+            "reference": {"num_actors": 8},
+            "reward": {"num_cpus": 0.5},
+        },
     )
     reports = _probe(cfg)
     policy, engines = reports[role_id.POLICY], reports[role_id.ROLLOUT_ENGINES]
@@ -174,8 +180,9 @@ def test_colocated_roles_share_the_policy_ranks_gpus(gpu_cluster):
     for rank, engine in zip(policy, engines):
         assert _gpu(engine) == _gpu(rank)  # engine i on policy rank i's GPU, a fraction of it each
         _assert_gpu_rank(engine)
-    for ref in reports[role_id.REFERENCE]:
-        assert _gpu(ref) in {_gpu(r) for r in policy}
+    for rank, ref in zip(policy, reports[role_id.REFERENCE], strict=True):
+        assert _gpu(ref) == _gpu(rank)  # reference actor i on policy rank i's GPU too
+        _assert_gpu_rank(ref)
     (reward,) = reports[role_id.REWARD]
     assert reward["device"] == torch.device("cpu")
 
