@@ -4,7 +4,7 @@ step through, and `Recoverable`, the operations on the run that recovery may cal
 A failure while a step is made (a `RECOVERABLE` error: a dead actor, a role past `run.call_timeout_s`)
 is handled where it happens, by `Recovery.attempt`:
 - `probe` finds the roles that died or do not answer; `restart` replaces them on the same bundles;
-- only rollout engines, the reference or the reward actor were lost, and the update was not under way:
+- only rollout engines, reference or reward actors were lost, and the update was not under way:
   the engines get the policy's current weights (`Recoverable.resync`) and the failed part of the step runs again (the same
   prompts, the same seeds), so the step appears once in the metrics, as if nothing happened;
 - a policy or critic rank was lost, or the update failed half-way: every trainer loads the last
@@ -89,8 +89,8 @@ class Recovery:
 
     def _recover(self, exc: BaseException, phase: str) -> None:
         """Find the roles that died or hung (`probe`), start fresh ones on the same bundles (`restart`),
-        then either resync the engines to the policy's current weights (only engines, the reference or
-        the reward actor were replaced, and the update was not under way: the step is retried) or rewind
+        then either resync the engines to the policy's current weights (only engines, reference or
+        reward actors were replaced, and the update was not under way: the step is retried) or rewind
         the run to its last complete checkpoint (a trainer rank was lost, or the update failed half-way)
         and raise `RolledBack`. Each attempt counts against `run.max_restarts`."""
         run, cfg = self.run, self.run.cfg
