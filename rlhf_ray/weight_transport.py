@@ -184,7 +184,7 @@ class GatherStats:
 
     buckets: int = 0
     gathers: int = 0  # GatheredParameters calls
-    peak_gathered_numel: int = 0  # the most elements one call gathered
+    peak_gathered_numel: int = 0  # the most non-persistent elements one call gathered
     peak_available_numel: int = 0
     persistent_numel: int = 0  # elements every rank always holds whole (stage3_param_persistence_threshold)
     nbytes: int = 0  # bytes of the buckets passed over (what rank 0 sends)
@@ -237,12 +237,12 @@ class WeightBuckets:
         self.stats.persistent_numel = sum(p.ds_numel for p in persistent)
         for bucket in self.layout:
             tensors = [self._tensors[name] for name, _, _ in bucket.entries]
-            to_gather = [t for t in tensors if not getattr(t, "ds_persist", False)]
-            with deepspeed.zero.GatheredParameters(to_gather, modifier_rank=None, enabled=bool(to_gather)):
-                if to_gather:
-                    self.stats.gathers += 1
-                    gathered = sum(t.ds_numel for t in to_gather)
-                    self.stats.peak_gathered_numel = max(self.stats.peak_gathered_numel, gathered)
+            # persistent parameters too: they are partitioned between an optimiser step (or a gather's exit)
+            # and the next forward; DeepSpeed skips the ones already whole
+            with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None):
+                self.stats.gathers += 1
+                gathered = sum(t.ds_numel for t in tensors if not getattr(t, "ds_persist", False))
+                self.stats.peak_gathered_numel = max(self.stats.peak_gathered_numel, gathered)
                 available = sum(
                     p.ds_numel
                     for p in everything

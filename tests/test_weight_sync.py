@@ -239,13 +239,25 @@ def _rank_facts(trainer) -> list[dict]:
     return ray.get([a.__ray_call__.remote(facts) for a in trainer.group.actors], timeout=60)
 
 
-def _response_diff(engine, trainer, batch) -> float:
+def _response_diff(engine_lp, trainer, batch) -> float:
     """Largest |engine log-prob - trainer log-prob| over the response tokens (temperature 1)."""
     import ray
 
-    engine_lp = ray.get(engine.logprobs.remote(batch), timeout=120)
     trainer_lp = ray.get(trainer.compute_logprobs(batch), timeout=120)["logprobs"]
     return float(((engine_lp - trainer_lp).abs() * batch["response_mask"]).max())
+
+
+def _persistent_partitioned(trainer) -> list[int]:
+    """Per rank: ZeRO-3 persistent parameters not whole right now (between a gather's exit or an optimiser
+    step and the next forward); a sync must gather them too."""
+    import ray
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    def count(rank):
+        params = rank.engine.module.parameters()
+        return sum(1 for p in params if p.ds_persist and p.ds_status != ZeroParamStatus.AVAILABLE)
+
+    return ray.get([a.__ray_call__.remote(count) for a in trainer.group.actors], timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -284,10 +296,15 @@ def zero3_syncs(ray_local, tiny_model_dir):
         prompts = [[6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17]]
         batch = ray.get(engine.generate.remote(prompts, 2, seed=5), timeout=120)
         facts["manifest"] = trainer.weight_manifest(timeout=60)
-        facts["start_diff"] = _response_diff(engine, trainer, batch)  # same weights on both
+
+        def engine_lp() -> torch.Tensor:
+            return ray.get(engine.logprobs.remote(batch), timeout=120)
+
+        facts["start_diff"] = _response_diff(engine_lp(), trainer, batch)  # same weights on both
         for kind, seed in (("object_store", 1), ("broadcast", 2)):
-            _perturb_ranks(trainer, seed)
-            stale = _response_diff(engine, trainer, batch)
+            _perturb_ranks(trainer, seed)  # its gather's exit leaves even persistent parameters partitioned
+            before = engine_lp()
+            facts[kind] = {"persistent_partitioned": _persistent_partitioned(trainer)}
             if kind == "object_store":
                 refs = trainer.export_weights(timeout=120)
                 facts["store_objects"] = [ray.get(r, timeout=60).data.nbytes for r in refs]
@@ -298,8 +315,9 @@ def zero3_syncs(ray_local, tiny_model_dir):
                 sync.sync()
                 trainer.close_broadcast(timeout=60)
                 ray.get(engine.close_broadcast.remote(), timeout=60)
-            facts[kind] = {"stale": stale, "synced": _response_diff(engine, trainer, batch)}
             facts[kind]["ranks"] = _rank_facts(trainer)
+            facts[kind] |= {"stale": _response_diff(before, trainer, batch)}
+            facts[kind] |= {"synced": _response_diff(engine_lp(), trainer, batch)}
     finally:
         trainer.kill()
         ray.kill(engine)
@@ -324,9 +342,10 @@ def test_zero3_sync_gathers_one_bucket_at_a_time(zero3_syncs, kind):
     assert max(per_bucket) == 65_536 == max(b.numel for b in layout)  # q, k, v, o of a layer
     partitioned = sum(numel.values()) - sum(numel[n] for n in persistent)
     assert partitioned == 851_968  # what one gather of the whole model held before
+    assert facts["persistent_partitioned"] == [len(persistent)] * 2  # the sync had to gather them too
     for rank in facts["ranks"]:
         stats = rank["stats"]
-        assert stats.buckets == 16 and stats.gathers == sum(1 for n in per_bucket if n)
+        assert stats.buckets == stats.gathers == 16
         assert stats.peak_gathered_numel == max(per_bucket)
         assert stats.peak_available_numel == max(per_bucket)  # nothing else stayed whole meanwhile
         assert stats.persistent_numel == sum(numel[n] for n in persistent)
