@@ -20,8 +20,6 @@ import os
 import time
 from typing import Any
 
-import numpy as np
-
 from bench.common import RESULTS, machine, snapshot, spread, workload_overrides, write_result
 
 
@@ -34,6 +32,7 @@ def measure(workload: str, syncs: int) -> dict[str, Any]:
     from rlhf_ray.runtime import runtime_env_vars, setup_process_env
     from rlhf_ray.trainer.roles import start_roles
     from rlhf_ray.trainer.weight_sync import BroadcastSync, ObjectStoreSync
+    from rlhf_ray.weight_transport import manifest_nbytes
 
     setup_process_env()
     config, overrides = workload_overrides(workload)
@@ -54,7 +53,7 @@ def measure(workload: str, syncs: int) -> dict[str, Any]:
         roles = start_roles(cfg)
         timeout = cfg.run.call_timeout_s
         manifest = roles.policy.weight_manifest(timeout)
-        nbytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in manifest)
+        nbytes = manifest_nbytes(manifest)  # in the weights' own dtype (bf16 travels as bf16)
         transports = {
             "object_store": ObjectStoreSync(roles, timeout),
             "broadcast": BroadcastSync(roles, timeout),
