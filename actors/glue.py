@@ -1,6 +1,6 @@
 """The glue worker: one long-lived actor that combines the roles' outputs inside the cluster (joins the
 engines' rollouts and the ranks' shards, slices a rollout for the reference and reward actors and joins
-their answers, makes the experience, scores evaluations), so the driver holds only refs. It lives here, below both the worker groups that join shards on it and the RL driver.
+their answers, makes the experience, scores evaluations, picks the few rows a run shows as samples), so the driver holds only refs. It lives here, below both the worker groups that join shards on it and the RL driver.
 
 The combinations run on one actor, not as Ray tasks: a task needs an idle
 worker process, and on a cluster whose CPUs are all reserved by the roles Ray stops idle task workers
@@ -19,6 +19,7 @@ from rlhf_ray.batch import Batch
 from rlhf_ray.config import AlgorithmConfig
 from rlhf_ray.experience import OldLogprobs, RewardNormalizer, make_experience, mark_old_logprobs
 from rlhf_ray.rewards import check_scores, load_rule_function
+from rlhf_ray.samples import pick_rows, sample_rows
 
 
 def concat_batches(*batches: Batch) -> Batch:
@@ -62,10 +63,25 @@ def eval_scores(function: str, batch: Batch, scores: Batch) -> dict[str, float]:
         "eval/response_length": float(batch["response_mask"].sum(1).float().mean()),
     }
     if function:
-        fn = load_rule_function(function)
-        values = check_scores(fn(batch.meta["prompt"], batch.meta["response"]), len(batch), function)
+        values = gold_scores(function, batch)
         out["eval/gold"] = sum(values) / max(len(values), 1)
     return out
+
+
+def gold_scores(function: str, batch: Batch) -> list[float]:
+    """The score `function` (e.g. the hidden gold labeler, `run.eval_function`) gives each row of `batch`."""
+    fn = load_rule_function(function)
+    return check_scores(fn(batch.meta["prompt"], batch.meta["response"]), len(batch), function)
+
+
+def samples(batch: Batch, n: int, function: str, scores: Batch | None = None) -> list[dict[str, Any]]:
+    """`n` rows of `batch` a person can read (`rlhf_ray.samples`), with their `function` (gold) scores when
+    `function` is set, computed on those rows only; `scores`: the reward of an eval batch, kept apart."""
+    if scores is not None:
+        batch = batch.union(scores)
+    rows = pick_rows(batch.meta.get("prompt_index"), len(batch), n)
+    gold = gold_scores(function, batch.select(rows)) if function and rows else None
+    return sample_rows(batch, rows, gold)
 
 
 # ---- runs in the glue worker's process ---------------------------------------------------------------------
@@ -97,6 +113,11 @@ class GlueWorker:
 
     def eval_scores(self, function: str, batch: Batch, scores: Batch) -> dict[str, float]:
         return eval_scores(function, batch, scores)
+
+    def samples(
+        self, batch: Batch, n: int, function: str, scores: Batch | None = None
+    ) -> list[dict[str, Any]]:
+        return samples(batch, n, function, scores)
 
     def ping(self) -> bool:
         return True

@@ -392,9 +392,18 @@ class LoggingConfig:
     tensorboard: bool = True  # metrics as TensorBoard events
     progress_bar: bool = True  # a progress bar on the terminal
     log_interval: int = 1  # steps between metric records
+    # RL: steps between sample records (prompt, response, reward, advantage, gold) in samples.jsonl and
+    # TensorBoard text, also written at the last step; 0: off
+    sample_interval: int = 10
+    num_samples: int = 4  # responses per sample record, each of a different prompt
 
     def check(self, prefix: str) -> None:
-        _require(prefix + "log_interval", self.log_interval, self.log_interval >= 1, "an integer >= 1")
+        p = prefix
+        _require(p + "log_interval", self.log_interval, self.log_interval >= 1, "an integer >= 1")
+        _require(
+            p + "sample_interval", self.sample_interval, self.sample_interval >= 0, "an integer >= 0 (0: off)"
+        )
+        _require(p + "num_samples", self.num_samples, self.num_samples >= 1, "an integer >= 1")
 
 
 @dataclass

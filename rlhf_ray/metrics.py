@@ -1,6 +1,7 @@
 """Where a run's numbers go: a JSONL file (one object per step, easy to plot), TensorBoard, a console
 progress bar, and every `log_interval` steps a table row (step, reward, KL, gold, tokens/s, s/step, ETA)
-that stays in the job's log. `plot_metrics` turns the JSONL into a PNG."""
+that stays in the job's log. `plot_metrics` turns the JSONL into a PNG. What the model writes goes beside
+them: `log_samples` appends sample completions to samples.jsonl and to TensorBoard's text tab."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_ray.config import LoggingConfig
+from rlhf_ray.samples import markdown_table
 
 
 def extreme(key: str) -> Callable[..., float] | None:
@@ -41,6 +43,8 @@ class MetricsLogger:
         self.cfg = cfg
         self.path = self.dir / "metrics.jsonl"
         self._jsonl = self.path.open("a") if cfg.jsonl else None
+        self.samples_path = self.dir / "samples.jsonl"
+        self._samples = None  # opened by the first `log_samples`: the offline stages write none
         self._tb = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -74,6 +78,21 @@ class MetricsLogger:
         if self.cfg.log_interval and step % self.cfg.log_interval == 0:
             self._print_row(step, record)
 
+    def log_samples(self, step: int, rows: list[dict[str, Any]], split: str = "train") -> None:
+        """Sample completions (`rlhf_ray.samples.sample_rows`) at `step`: one JSON object per row in
+        samples.jsonl (`step` and `split` first: "train" for the step's batch, "eval" for held-out answers)
+        and a markdown table under the TensorBoard text tag `samples/<split>`."""
+        if not rows:
+            return
+        if self._samples is None:
+            self._samples = self.samples_path.open("a")
+        for row in rows:
+            record = {"step": step, "split": split, **{k: plain(v) for k, v in row.items()}}
+            self._samples.write(json.dumps(record) + "\n")
+        self._samples.flush()
+        if self._tb is not None:
+            self._tb.add_text(f"samples/{split}", markdown_table(rows), step)
+
     def _print_row(self, step: int, record: dict[str, Any]) -> None:
         # Speed over the last few rows, so a slow first step (start-up, evaluation) fades from the ETA.
         self._recent.append((step, time.perf_counter()))
@@ -100,6 +119,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
+        if self._samples is not None:
+            self._samples.close()
         if self._tb is not None:
             self._tb.close()
         if self._bar is not None:

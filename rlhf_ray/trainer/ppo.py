@@ -35,6 +35,7 @@ from rlhf_ray.engine_args import engines_sleep
 from rlhf_ray.experience import OldLogprobs, RewardNormalizer, old_logprobs_source
 from rlhf_ray.metrics import MetricsLogger, plain, plot_metrics
 from rlhf_ray.models import load_tokenizer
+from rlhf_ray.samples import sample_due
 from rlhf_ray.trainer.evaluation import held_out_prompts, sample_held_out
 from rlhf_ray.trainer.gpu_sharing import GpuSharing
 from rlhf_ray.trainer.offline import require_model_dir
@@ -125,6 +126,7 @@ class PPOTrainer:
         # every part of a step runs through it; it may call `resync` and `rewind` (`Recoverable`)
         self.recovery = Recovery(self)
         self._logger: MetricsLogger | None = None
+        self._samples: Any = None  # ref of this step's sample rows (`pick_samples`) when it writes them
         self.roles: Roles | None = None
         # the resolved config, loadable again with --config (secrets never enter it: they come from the env)
         (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -146,11 +148,12 @@ class PPOTrainer:
         if latest is not None:
             self.restore(latest)
             # a run that died after its last checkpoint logged steps that are now done again
-            dropped = drop_rows_after(self.out / "metrics.jsonl", self.step)
-            if dropped:
-                log.warning(
-                    "metrics.jsonl: dropped %d rows after step %d (they are done again)", dropped, self.step
-                )
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                dropped = drop_rows_after(self.out / name, self.step)
+                if dropped:
+                    log.warning(
+                        "%s: dropped %d rows after step %d (they are done again)", name, dropped, self.step
+                    )
 
     def reset_driver_state(self) -> None:
         """The driver's side of a fresh run: step 0, the first data position, a new KL controller and
@@ -217,6 +220,8 @@ class PPOTrainer:
             metrics |= self.recovery.attempt(self.evaluate, "evaluation")
         metrics["faults/restarts"] = self.recovery.restarts
         self._logger.log(self.step, metrics)
+        if self._samples is not None:
+            self.log_samples(self._samples, "train")
         self._last = metrics
         if on_step is not None:
             on_step(self.step, metrics)
@@ -238,6 +243,12 @@ class PPOTrainer:
 
         batch, exp_stats, times = self.recovery.attempt(
             lambda: self.make_experience(kl_coef), "experience", again
+        )
+        # a few rows a person can read, picked on the glue worker while the policy trains
+        self._samples = (
+            self.pick_samples(batch)
+            if sample_due(self.step + 1, self.cfg.logging.sample_interval, self.cfg.run.total_steps)
+            else None
         )
         train_stats, times["time/train"] = self.recovery.attempt(
             lambda: self.update(batch, kl_coef), "training"
@@ -367,6 +378,7 @@ class PPOTrainer:
             self.sync_weights()
         self._logger.close()
         drop_rows_after(self._logger.path, self.step)
+        drop_rows_after(self._logger.samples_path, self.step)
         self._logger = MetricsLogger(
             self.out, self.cfg.logging, self.cfg.run.total_steps, start_step=self.step
         )
@@ -384,7 +396,28 @@ class PPOTrainer:
         batch = sample_held_out(roles.engines[0], self.eval_prompts, cfg, greedy=cfg.run.eval_greedy)
         scores = score_joined(batch, role_id.REWARD, roles.reward, "score")
         result = glue().eval_scores.remote(cfg.run.eval_function or "", batch, scores)
-        return wait_for({"evaluation": result}, cfg.run.call_timeout_s)["evaluation"]
+        samples = self.pick_samples(batch, scores) if cfg.logging.sample_interval else None
+        out = wait_for({"evaluation": result}, cfg.run.call_timeout_s)["evaluation"]
+        if samples is not None and self._logger is not None:
+            self.log_samples(samples, "eval")
+        return out
+
+    # ---- sample completions (samples.jsonl, TensorBoard text) ------------------------------------------
+    def pick_samples(self, batch: Any, scores: Any = None) -> Any:
+        """Ref of `logging.num_samples` rows of a batch ref as small dicts (`actors.glue.samples`), with
+        gold scores (`run.eval_function`) for those rows; `scores`: an eval batch's reward ref."""
+        n, function = self.cfg.logging.num_samples, self.cfg.run.eval_function or ""
+        return glue().samples.remote(batch, n, function, scores)
+
+    def log_samples(self, rows: Any, split: str) -> None:
+        """Fetch the picked rows and write them at the current step. They are for reading: a failure to get
+        them is a warning, and the run goes on (a lost glue worker fails the next step, where recovery acts)."""
+        try:
+            fetched = wait_for({"samples": rows}, self.cfg.run.call_timeout_s)["samples"]
+        except Exception as e:  # any failure here only costs the samples
+            log.warning("no %s samples at step %d: %s", split, self.step, e)
+            return
+        self._logger.log_samples(self.step, fetched, split)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
