@@ -4,8 +4,8 @@ optimiser states, DeepSpeed's CPU Adam with an offloaded optimiser, and the entr
 
 One scenario starts two groups at once: the ZeRO-3 policy (2 ranks, torch AdamW) and an unpartitioned
 reference run (1 rank, ZeRO-2 with the optimiser offloaded: DeepSpeed's CPU Adam). Both take the same two
-PPO steps; the ZeRO-3 group moves its optimiser states out and back between them, with the plan a GPU rank
-would follow, so a round trip that lost or corrupted Adam's moments would show in the second step.
+PPO steps; both move their states out and back between them, with the plan a GPU rank would follow, so a
+round trip that lost or corrupted Adam's moments would show in the second step.
 """
 
 from __future__ import annotations
@@ -91,6 +91,9 @@ def scenario(ray_local, tiny_model_dir, tmp_path_factory):
         facts["offload"] = zero3.offload_states(timeout=60)
         facts["reload"] = zero3.reload_states(timeout=60)
         facts["round_trip"] = _on_ranks(zero3, _round_trip)
+        facts["whole_round_trip"] = _on_ranks(  # ZeRO-2 with CPU Adam: DeepSpeed's own moves only
+            whole, lambda r: (r._offload_states(on_gpu=True), r.reload_states())
+        )
         facts["saved"] = zero3.save_pretrained(str(tmp / "hf"), timeout=120)
         facts["trainer_weights"] = _on_ranks(zero3, _gathered_weights)[0]
         step2 = with_advantages(batch, facts["after"]["logprobs"])
@@ -144,7 +147,9 @@ def test_zero3_loads_saves_offloads_and_trains(scenario, tiny_model_dir):
     for out, back, same in f["round_trip"]:
         assert out["moved"] and back["moved"] and same, (out, back)
         assert set(out["states"]) == {"lp_grads", "contiguous_grad_buffer", "adamw_states", "hp_params"}
-    # ... and the step after the round trip is the unpartitioned run's step (Adam's moments intact)
+    for out, back in f["whole_round_trip"]:
+        assert out["moved"] and back["moved"] and out["states"] == ["lp_grads"], (out, back)
+    # ... and the step after the round trips is the unpartitioned run's step (Adam's moments intact)
     assert (f["after2"]["logprobs"] - f["after"]["logprobs"])[response].abs().max() > 1e-2
     assert (f["after2"]["logprobs"] - f["whole_after2"]["logprobs"])[response].abs().max() < STEP_TOL
     assert f["stats2"]["grad_norm"] == pytest.approx(f["whole_stats2"]["grad_norm"], rel=1e-3)
