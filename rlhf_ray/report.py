@@ -16,6 +16,8 @@ summary.json is nested (`summary["sft"]["gold"]`, ...):
   the held-out gold at the start, peak and end of training;
 - `offline`: what the earlier stages achieved: SFT held-out loss before/after, the number of preference
   pairs, the reward model's held-out pairwise accuracy;
+- `examples`: the first few held-out prompts (`logging.num_samples`; the first, not picked) with the SFT
+  and the RL policy's sampled answers, each with its `gold` and `reward`, side by side;
 - `eval_prompts`, `paths`.
 """
 
@@ -125,6 +127,23 @@ def offline_figures(records: dict[str, dict[str, Any]]) -> dict[str, float]:
     return {k: v for k, v in picks.items() if v is not None}
 
 
+def examples(evaluation: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """The first `n` held-out prompts with both policies' sampled answers and their gold and reward scores
+    (the first, not the most telling: no picking). None when the evaluation kept no texts (a record
+    written before it did)."""
+    sft, rl = evaluation["sft"]["sampled"], evaluation["rl"]["sampled"]
+    if "response" not in sft or "response" not in rl:
+        return []
+
+    def answer(s: dict[str, Any], i: int) -> dict[str, Any]:
+        return {"response": s["response"][i], "gold": s["gold"][i], "reward": s["reward"][i]}
+
+    return [
+        {"prompt": sft["prompt"][i], "sft": answer(sft, i), "rl": answer(rl, i)}
+        for i in range(min(n, len(sft["response"])))
+    ]
+
+
 def build_summary(
     evaluation: dict[str, Any],
     records: dict[str, dict[str, Any]],
@@ -132,6 +151,7 @@ def build_summary(
     min_gold_gain: float,
     wall_seconds: float,
     paths: dict[str, str],
+    n_examples: int = 4,
 ) -> dict[str, Any]:
     """summary.json's content (see the module docstring). `records`: each stage's record with `status`."""
     sft, rl = evaluation["sft"], evaluation["rl"]
@@ -151,6 +171,7 @@ def build_summary(
         "wall_seconds": round(wall_seconds, 2),
         "rl_training": rl_training_figures(rl_rows),
         "offline": offline_figures(records),
+        "examples": examples(evaluation, n_examples),
         "eval_prompts": len(sft["sampled"]["gold"]),
         "paths": paths,
     }
@@ -192,6 +213,7 @@ def format_table(summary: dict[str, Any]) -> str:
             f"RL training: {t['steps']} steps; held-out gold {t['gold_start']:.3f} -> {t['gold_end']:.3f} "
             f"(peak {t['gold_peak']:.3f} at step {t['gold_peak_step']}); last steps' KL (k3) {t['kl_last']:.3f}"
         )
+    lines += format_examples(summary.get("examples", []))
     lines += ["", f"{'stage':<14}{'this call':<11}{'seconds':>9}"]
     for stage, s in summary["stages"].items():
         status = "ran" if s["status"] == "ran" else "skipped*"
@@ -201,6 +223,27 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append("* done in an earlier call with the same settings; its time is from then")
     lines.append(f"this call took {summary['wall_seconds']:.1f} s")
     return "\n".join(lines)
+
+
+def format_examples(rows: list[dict[str, Any]], width: int = 100) -> list[str]:
+    """Report lines for `examples`: each prompt, then the SFT and the RL answer under it with their scores,
+    on one line each (line breaks shown as ⏎, long answers cut at `width` characters)."""
+
+    def one_line(text: str) -> str:
+        text = text.replace("\r", "").replace("\n", "⏎")
+        return text if len(text) <= width else text[:width] + "…"
+
+    if not rows:
+        return []
+    lines = ["", "examples (the first held-out prompts; temperature-1 samples):"]
+    for row in rows:
+        lines.append(f"  prompt: {one_line(row['prompt'])}")
+        for name, label in (("sft", "SFT"), ("rl", "RL ")):
+            a = row[name]
+            lines.append(
+                f"    {label} gold {a['gold']:.2f} reward {a['reward']:+.2f} | {one_line(a['response'])}"
+            )
+    return lines
 
 
 def plot_curves(rows: list[dict[str, Any]], summary: dict[str, Any], out_png: str | Path) -> Path:

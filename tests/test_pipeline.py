@@ -273,3 +273,37 @@ def test_verdict_with_zero_standard_error_does_not_crash():
     assert kind == "improved" and "+1.000" in text
     kind, text = verdict({"gold": 0.0, "gold_se": 0.0, "reward": 2.0, "reward_se": 0.0}, 0.02)
     assert kind == "reward_hacking" and "+2.000" in text
+
+
+def test_report_shows_the_first_answers_of_both_policies_side_by_side():
+    ev = _evaluation([0.2, 0.5, 1.0], [1.0, 0.5, 1.0], [0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    ev["sft"]["sampled"] |= {"prompt": ["sort 2 1", "sort 4 3", "p2"], "response": ["2 1", "3\n4", "x"]}
+    ev["rl"]["sampled"] |= {"prompt": ["sort 2 1", "sort 4 3", "p2"], "response": ["1 2", "y" * 300, "z"]}
+    records = {s: {"status": "ran", "seconds": 1.0} for s in STAGES}
+    summary = build_summary(ev, records, [], 0.02, 1.0, {}, n_examples=2)
+    assert summary["examples"] == [
+        {
+            "prompt": "sort 2 1",
+            "sft": {"response": "2 1", "gold": 0.2, "reward": 0.1},
+            "rl": {"response": "1 2", "gold": 1.0, "reward": 0.4},
+        },
+        {
+            "prompt": "sort 4 3",
+            "sft": {"response": "3\n4", "gold": 0.5, "reward": 0.2},
+            "rl": {"response": "y" * 300, "gold": 0.5, "reward": 0.5},
+        },
+    ]
+    lines = format_table(summary).splitlines()
+    at = lines.index("examples (the first held-out prompts; temperature-1 samples):")
+    assert lines[at + 1 : at + 4] == [
+        "  prompt: sort 2 1",
+        "    SFT gold 0.20 reward +0.10 | 2 1",
+        "    RL  gold 1.00 reward +0.40 | 1 2",
+    ]
+    assert lines[at + 5] == "    SFT gold 0.50 reward +0.20 | 3⏎4"  # one line per answer
+    assert lines[at + 6] == "    RL  gold 0.50 reward +0.50 | " + "y" * 100 + "…"
+    assert lines[at + 7] == ""  # then the stage times
+    # an evaluation recorded before the texts were kept: no examples, the rest of the report as before
+    bare = _evaluation([0.2], [1.0], [0.1], [0.4])
+    old = build_summary(bare, records, [], 0.02, 1.0, {})
+    assert old["examples"] == [] and "examples" not in format_table(old)

@@ -14,7 +14,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from rlhf_ray.config import RLHFConfig
-from rlhf_ray.data.synthetic import write_task
+from rlhf_ray.data.synthetic import digit_shaped_reward, gold_reward, write_task
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.trainer.ppo import PPOTrainer
 
@@ -134,3 +134,20 @@ def test_rl_improves_reward(ray_local, tiny_model_dir, task, tmp_path, estimator
         yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["algorithm"]["estimator"] == estimator
     )
     assert summary["policy"].endswith("policy")
+    check_samples(tmp_path / "run" / "samples.jsonl", steps=[10, 20, 30, 40], per_step=4)
+
+
+def check_samples(path, steps: list[int], per_step: int) -> None:
+    """samples.jsonl (logging.sample_interval=10, num_samples=4 by default): `per_step` rows of each
+    sampled step's batch and the held-out answers of the first and last evaluation. The text is the
+    batch's: the rule reward and the gold labeler give the logged reward and gold for the logged prompt
+    and response."""
+    rows = read_metrics(path)
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == [s for s in steps for _ in range(per_step)]
+    assert {r["step"] for r in rows if r["split"] == "eval"} == {0, steps[-1]}
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    assert [r["reward"] for r in rows] == pytest.approx(digit_shaped_reward(prompts, responses), abs=1e-6)
+    assert [r["gold"] for r in rows] == pytest.approx(gold_reward(prompts, responses), abs=1e-6)
+    assert all(r["prompt"] and 0 < r["length"] <= 8 and math.isfinite(r["advantage"]) for r in train)
+    assert len({r["prompt"] for r in train if r["step"] == steps[0]}) == per_step  # different prompts

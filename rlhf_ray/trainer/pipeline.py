@@ -235,6 +235,7 @@ def run_pipeline(cfg: RLHFConfig) -> dict[str, Any]:
         cfg.pipeline.min_gold_gain,
         time.perf_counter() - t0,
         paths,
+        n_examples=cfg.logging.num_samples,
     )
     plot_curves(rl_rows, summary, paths["plot"])
     table = format_table(summary)
