@@ -18,7 +18,7 @@ import ray
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import AlgorithmConfig
 from rlhf_ray.experience import OldLogprobs, RewardNormalizer, make_experience, mark_old_logprobs
-from rlhf_ray.rewards import check_scores, load_rule_function
+from rlhf_ray.rewards import fields_of, load_rule_function, score_with_rule
 from rlhf_ray.samples import pick_rows, sample_rows
 
 
@@ -70,8 +70,9 @@ def eval_scores(function: str, batch: Batch, scores: Batch) -> dict[str, float]:
 
 def gold_scores(function: str, batch: Batch) -> list[float]:
     """The score `function` (e.g. the hidden gold labeler, `run.eval_function`) gives each row of `batch`."""
-    fn = load_rule_function(function)
-    return check_scores(fn(batch.meta["prompt"], batch.meta["response"]), len(batch), function)
+    fn = load_rule_function(function)  # it gets the prompt-record fields it takes, e.g. the answer
+    prompts, responses = batch.meta["prompt"], batch.meta["response"]
+    return score_with_rule(fn, prompts, responses, function, fields_of(batch.meta))
 
 
 def samples(batch: Batch, n: int, function: str, scores: Batch | None = None) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
 """`RewardModel`: the sequence-level score of each rollout, from a trained reward model, a Python rule
-function or a remote HTTP scorer (`cfg.reward.kind`; protocol in `rlhf_ray.rewards`)."""
+function or a remote HTTP scorer (`cfg.reward.kind`; protocol in `rlhf_ray.rewards`). Rules and scorers
+also get each row's prompt-record fields (batch meta `FIELDS_META`), e.g. a verifiable task's answer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import torch
 
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
-from rlhf_ray.rewards import RemoteScorer, RewardError, check_scores, load_rule_function, score_with_rule
+from rlhf_ray.rewards import (
+    RemoteScorer,
+    RewardError,
+    check_scores,
+    fields_of,
+    load_rule_function,
+    score_with_rule,
+)
 from rlhf_ray.runtime import device, resolve_dtype, set_actor_threads, setup_process_env
 
 
@@ -59,10 +67,11 @@ class RewardModel:
                         f"reward.kind={self.kind!r} scores texts: the batch has no meta {key!r}"
                     )
             prompts, responses = batch.meta["prompt"], batch.meta["response"]
+            fields = fields_of(batch.meta)  # each row's prompt-record fields (e.g. the answer), as columns
             if self.kind == "rule":
-                values = score_with_rule(self.fn, prompts, responses, self.source)
+                values = score_with_rule(self.fn, prompts, responses, self.source, fields)
             else:
-                values = self.scorer(prompts, responses)
+                values = self.scorer(prompts, responses, fields)
             scores = torch.tensor(values, dtype=torch.float32)
         return Batch({"scores": scores})
 

@@ -30,6 +30,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import ray
@@ -39,6 +40,7 @@ from torch import Tensor
 from rlhf_ray.batch import Batch
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.engine_args import engine_args, per_sample_seeds
+from rlhf_ray.rewards import FIELDS_META
 from rlhf_ray.rollout_batch import build_rollout_batch, scatter_response_values, split_sequences
 from rlhf_ray.runtime import device, has_gpu, resolve_dtype, set_actor_threads, setup_process_env
 from rlhf_ray.weight_transport import BroadcastReceiver, ManifestEntry, bucket_bytes, unpack_bucket
@@ -358,8 +360,13 @@ class RolloutEngine:
         greedy: bool = False,
         seed: int | None = None,
         max_new_tokens: int | None = None,
+        fields: list[dict[str, Any]] | None = None,
     ) -> Batch:
-        """`n` samples of each prompt, the samples of one prompt consecutive (meta `prompt_index`)."""
+        """`n` samples of each prompt, the samples of one prompt consecutive (meta `prompt_index`).
+        `fields[i]`: prompt i's record fields (e.g. its answer), copied to each of its samples (meta
+        `FIELDS_META`) so the reward sees them; the engine does not read them."""
+        if fields is not None and len(fields) != len(prompts):
+            raise ValueError(f"generate: {len(fields)} field records for {len(prompts)} prompts")
         max_new = max_new_tokens or self.cfg.rollout.max_new_tokens
         limit = self.cfg.data.max_prompt_len + self.cfg.rollout.max_new_tokens
         for i, p in enumerate(prompts):
@@ -385,6 +392,8 @@ class RolloutEngine:
             "prompt": [prompt_text[i] for i in range(len(prompts)) for _ in range(n)],
             "response": [decode(r, skip_special_tokens=True) for r in responses],
         }
+        if fields is not None:
+            meta[FIELDS_META] = [dict(fields[i]) for i in range(len(prompts)) for _ in range(n)]
         return build_rollout_batch(expanded, responses, logprobs, self.tokenizer.pad_token_id, meta)
 
     def logprobs(self, batch: Batch) -> Tensor:

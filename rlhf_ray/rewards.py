@@ -2,9 +2,17 @@
 trained reward model.
 
 - **rule**: a Python function named `'module:function'`, called as
-  `fn(prompts: list[str], responses: list[str]) -> list[float]`;
-- **http**: a remote scorer that takes `POST {"prompts": [...], "responses": [...]}` (JSON) and answers
-  `{"scores": [float, ...]}`, one score per response, in order.
+  `fn(prompts: list[str], responses: list[str], **fields) -> list[float]`;
+- **http**: a remote scorer that takes `POST {"prompts": [...], "responses": [...], "fields": {...}}` (JSON)
+  and answers `{"scores": [float, ...]}`, one score per response, in order.
+
+**Fields** are the prompt record's other columns (all but `data.prompt_field`, e.g. a verifiable task's
+`answer`), each a list aligned with the responses, as TRL's `GRPOTrainer` passes dataset columns. They
+travel with the rollout (batch meta `FIELDS_META`, one dict per row). A rule function receives the fields
+it names as parameters, or all of them if it takes `**kwargs`; one that takes only `(prompts, responses)`
+gets none, so old functions keep working. A named parameter without a default that the data lacks is a
+`RewardError` naming it. The HTTP request always carries `"fields"` (`{}` when there are none); old
+scorers ignore it. See docs/REWARDS.md.
 
 Both paths go through `check_scores`, so a NaN, an infinity, a string or a wrong count fails here, naming
 the source and the bad index, instead of poisoning the advantages. Returned content is only parsed as
@@ -15,6 +23,7 @@ for tests and for users who want their scorer in another process.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 import numbers
@@ -26,7 +35,8 @@ from typing import Any
 
 import requests
 
-RuleFunction = Callable[[list[str], list[str]], Sequence[float]]
+RuleFunction = Callable[..., Sequence[float]]
+FIELDS_META = "fields"  # the batch meta key that holds each row's prompt-record fields (a dict per row)
 
 
 class RewardError(RuntimeError):
@@ -113,15 +123,57 @@ def load_rule_function(spec: str) -> RuleFunction:
     if not callable(obj):
         raise RewardError(
             f"reward.function={spec!r}: {attr_path!r} is a {type(obj).__name__}, not a function; it must be "
-            "callable as fn(prompts: list[str], responses: list[str]) -> list[float]"
+            "callable as fn(prompts: list[str], responses: list[str], **fields) -> list[float]"
         )
     return obj
 
 
-def score_with_rule(fn: RuleFunction, prompts: list[str], responses: list[str], source: str) -> list[float]:
-    """Call a rule function and validate its output; an exception inside it becomes a `RewardError`."""
+def fields_of(meta: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """The prompt-record fields of a batch's rows as columns, `{name: [value per row]}` (empty when the
+    batch carries none). A row without a field that another row has gets None there."""
+    rows = meta.get(FIELDS_META) or []
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    return {name: [row.get(name) for row in rows] for name in names}
+
+
+def fields_for(fn: RuleFunction, fields: dict[str, list[Any]], source: str) -> dict[str, list[Any]]:
+    """The fields `fn` takes: all of them if it has `**kwargs`, else those it names as parameters after
+    its first two (prompts, responses); none if its signature cannot be read. A parameter without a
+    default that `fields` lacks is a `RewardError` naming it and the fields there are."""
     try:
-        scores = fn(list(prompts), list(responses))
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind is p.VAR_KEYWORD for p in params):  # not a field named like its first two parameters
+        return {k: v for k, v in fields.items() if k not in {p.name for p in positional[:2]}}
+    named = [p for p in positional[2:] if p.kind is p.POSITIONAL_OR_KEYWORD]
+    named += [p for p in params if p.kind is p.KEYWORD_ONLY]
+    missing = [p.name for p in named if p.name not in fields and p.default is p.empty]
+    if missing:
+        raise RewardError(
+            f"reward from {source}: the rule function needs the field {missing[0]!r}, but the prompt records "
+            f"have {', '.join(map(repr, fields)) or 'no fields besides the prompt'}; add {missing[0]!r} to "
+            "every record of data.train_path and data.eval_path, or give the parameter a default"
+        )
+    return {p.name: fields[p.name] for p in named if p.name in fields}
+
+
+def score_with_rule(
+    fn: RuleFunction,
+    prompts: list[str],
+    responses: list[str],
+    source: str,
+    fields: dict[str, list[Any]] | None = None,
+) -> list[float]:
+    """Call a rule function with the record `fields` it takes (`fields_for`) and validate its output; an
+    exception inside it becomes a `RewardError`."""
+    for name, values in (fields or {}).items():
+        if len(values) != len(responses):
+            raise ValueError(f"field {name!r} has {len(values)} values for {len(responses)} responses")
+    kwargs = fields_for(fn, fields or {}, source)
+    try:
+        scores = fn(list(prompts), list(responses), **kwargs)
     except Exception as exc:
         raise RewardError(
             f"reward from {source}: the rule function raised {type(exc).__name__}: {exc}"
@@ -146,13 +198,32 @@ class RemoteScorer:
         )
         self._session = requests.Session()
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        return self.score(prompts, responses)
+    def __call__(
+        self, prompts: list[str], responses: list[str], fields: dict[str, list[Any]] | None = None
+    ) -> list[float]:
+        return self.score(prompts, responses, fields)
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def score(
+        self, prompts: list[str], responses: list[str], fields: dict[str, list[Any]] | None = None
+    ) -> list[float]:
+        """Scores of `responses`; `fields` (record columns aligned with them) go in the request's
+        `"fields"` object. A field that JSON cannot carry is a `RewardError` naming it."""
         if len(prompts) != len(responses):
             raise ValueError(f"RemoteScorer: {len(prompts)} prompts but {len(responses)} responses")
-        payload = {"prompts": list(prompts), "responses": list(responses)}
+        fields = {name: list(values) for name, values in (fields or {}).items()}
+        for name, values in fields.items():
+            if len(values) != len(responses):
+                raise ValueError(
+                    f"RemoteScorer: field {name!r} has {len(values)} values for {len(responses)}"
+                )
+            try:
+                json.dumps(values)
+            except (TypeError, ValueError) as exc:
+                raise RewardError(
+                    f"reward scorer {self.url}: the prompt records' field {name!r} cannot be sent as JSON "
+                    f"({exc}); store it in the data as a string, number, list or object"
+                ) from exc
+        payload = {"prompts": list(prompts), "responses": list(responses), "fields": fields}
         body = self._post(payload)
         if not isinstance(body, dict) or "scores" not in body:
             raise RewardError(
@@ -224,11 +295,16 @@ def serve_rule_function(
                     raise ValueError("'prompts' and 'responses' must be lists of equal length")
                 if not all(isinstance(x, str) for x in prompts + responses):
                     raise ValueError("'prompts' and 'responses' must hold strings")
+                fields = request.get("fields") or {}  # absent from the requests of older clients
+                if not isinstance(fields, dict) or not all(
+                    isinstance(v, list) and len(v) == len(responses) for v in fields.values()
+                ):
+                    raise ValueError("'fields' must map names to lists as long as 'responses'")
             except (ValueError, KeyError, TypeError) as exc:
                 self._answer(400, {"error": f"bad request: {exc}"})
                 return
             try:
-                scores = check_scores(fn(prompts, responses), len(responses), "the served rule function")
+                scores = score_with_rule(fn, prompts, responses, "the served rule function", fields)
             except Exception as exc:
                 self._answer(500, {"error": f"{type(exc).__name__}: {exc}"})
                 return

@@ -1,9 +1,13 @@
 """Rule rewards that ship with rlhf_ray, for `reward.kind: rule` (`reward.function: rlhf_ray.rewards_builtin:NAME`).
 
-Each is a pure Python function `fn(prompts, responses) -> list[float]` (see `rlhf_ray.rewards`).
+Each is a pure Python function `fn(prompts, responses, **fields) -> list[float]` (see `rlhf_ray.rewards`):
+`concise_reward` reads only the responses, `arithmetic_reward` also the prompt records' `answer` field.
 """
 
 from __future__ import annotations
+
+import math
+import re
 
 CONCISE_MAX_WORDS = 20
 _CLOSERS = "\"')]}»”’*"  # closing quotes and brackets that may follow a sentence's full stop
@@ -33,3 +37,36 @@ def concise_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """Reward short answers that finish with a full stop, at most 20 words (`concise_score`); meant for
     instructions like "Write a one-sentence ...". The prompts are not used."""
     return [concise_score(r) for r in responses]
+
+
+# ---- verifiable answers ---------------------------------------------------------------------------------
+# a number as people write it: an optional minus sign (ASCII or U+2212), digits with optional thousands
+# commas ("1,234"), an optional decimal part; a full stop not followed by a digit is not part of it
+_NUMBER = re.compile(r"[-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def final_number(text: str) -> float | None:
+    """The last number written in `text` ("... so she has 1,234 apples." -> 1234.0, "-7." -> -7.0), or
+    None when it has none. A minus sign counts only right before the digits ("5 - 3" reads 5 and 3)."""
+    matches = _NUMBER.findall(text)
+    if not matches:
+        return None
+    return float(matches[-1].replace(",", "").replace("\u2212", "-"))
+
+
+def arithmetic_score(response: str, answer: int | float | str) -> float:
+    """1.0 if the last number in `response` equals `answer` (a number, or a string holding one), else 0.0.
+    No credit for format: the mean score over prompts is the fraction answered correctly, and a
+    group-relative estimator (GRPO, RLOO) already learns from the prompts where some samples are right."""
+    expected = final_number(str(answer)) if isinstance(answer, str) else float(answer)
+    got = final_number(response)
+    return float(got is not None and expected is not None and math.isclose(got, expected, abs_tol=1e-9))
+
+
+def arithmetic_reward(
+    prompts: list[str], responses: list[str], answer: list[int | float | str]
+) -> list[float]:
+    """Reward for the arithmetic word problems of `jobs.arithmetic_task`: 1.0 when a response's final
+    number is the record's `answer`, 0.0 otherwise (`arithmetic_score`). `answer` is the prompt records'
+    field, one per response, passed by the reward actor (`rlhf_ray.rewards`); the prompts are not used."""
+    return [arithmetic_score(r, a) for r, a in zip(responses, answer, strict=True)]

@@ -118,7 +118,9 @@ class PromptSource:
     an order drawn from (seed, epoch); `state_dict`/`load_state_dict` carry the position for resume.
 
     `records` is a `datasets.Dataset` or a sequence of mappings with the `cfg.prompt_field` field. Every
-    prompt is formatted and checked up front, so bad data fails before training starts."""
+    prompt is formatted and checked up front, so bad data fails before training starts. Each record's
+    other fields (e.g. a verifiable task's `answer`) are kept beside its prompt for the reward
+    (`next_records`); they are held on the driver, so keep them small."""
 
     def __init__(
         self,
@@ -131,6 +133,8 @@ class PromptSource:
         prompts = _column(records, cfg.prompt_field)
         texts, ids, counts = encode_prompts(prompts, tokenizer, cfg)
         self.items: list[tuple[str, list[int]]] = [(t, i) for t, i in zip(texts, ids) if i is not None]
+        fields = record_fields(records, cfg.prompt_field)
+        self.fields: list[dict[str, Any]] = [f for f, i in zip(fields, ids) if i is not None]
         if not self.items:
             raise DataError(
                 f"no prompts left: all {counts['total']} are longer than data.max_prompt_len={cfg.max_prompt_len}; "
@@ -163,14 +167,21 @@ class PromptSource:
 
     def next(self, n: int) -> list[tuple[str, list[int]]]:
         """The next `n` prompts as (text, token ids), crossing into the next (reshuffled) epoch as needed."""
-        out: list[tuple[str, list[int]]] = []
+        return [self.items[i] for i in self._next_indices(n)]
+
+    def next_records(self, n: int) -> list[tuple[str, list[int], dict[str, Any]]]:
+        """As `next`, with each prompt's record fields (all but the prompt field) as a third element."""
+        return [(*self.items[i], self.fields[i]) for i in self._next_indices(n)]
+
+    def _next_indices(self, n: int) -> list[int]:
+        out: list[int] = []
         while len(out) < n:
             if self._position >= len(self.items):
                 self._epoch += 1
                 self._position = 0
                 self._order = self._epoch_order(self._epoch)
             take = min(n - len(out), len(self.items) - self._position)
-            out.extend(self.items[i] for i in self._order[self._position : self._position + take])
+            out.extend(int(i) for i in self._order[self._position : self._position + take])
             self._position += take
         return out
 
@@ -197,6 +208,16 @@ class PromptSource:
         if not self.shuffle:
             return np.arange(len(self.items))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+
+
+def record_fields(records: Any, prompt_field: str) -> list[dict[str, Any]]:
+    """Each record's fields other than `prompt_field`, as a dict per record (from a `datasets.Dataset`
+    or a sequence of mappings): what the reward receives beside the prompt (`rlhf_ray.rewards`)."""
+    names = getattr(records, "column_names", None)
+    if names is not None:
+        columns = {name: list(records[name]) for name in names if name != prompt_field}
+        return [{name: values[i] for name, values in columns.items()} for i in range(len(records))]
+    return [{k: v for k, v in row.items() if k != prompt_field} for row in records]
 
 
 def _column(records: Any, field: str) -> list[Any]:

@@ -32,20 +32,18 @@ from rlhf_ray.trainer.roles import wait_for
 @ray.remote(num_cpus=0)
 def answer_stats(
     function: str, batch: Batch, scores: Batch, ref_logprobs: torch.Tensor | None
-) -> dict[str, list[Any]]:
-    """Per answer: gold (`function`), reward (the reward model's score), length in tokens, the prompt and
-    response texts and, when
+) -> dict[str, list[float]]:
+    """Per answer: gold (`function`), reward (the reward model's score), length in tokens and, when
     reference log-probs are given, the answer's log-ratio to the reference (its KL contribution)."""
-    from rlhf_ray.rewards import check_scores, load_rule_function
+    from rlhf_ray.rewards import fields_of, load_rule_function, score_with_rule
 
     fn = load_rule_function(function)
     mask = batch["response_mask"]
+    prompts, responses = batch.meta["prompt"], batch.meta["response"]
     out = {
-        "gold": check_scores(fn(batch.meta["prompt"], batch.meta["response"]), len(batch), function),
+        "gold": score_with_rule(fn, prompts, responses, function, fields_of(batch.meta)),
         "reward": scores["scores"].float().tolist(),
         "length": mask.sum(1).tolist(),
-        "prompt": list(batch.meta["prompt"]),  # the texts, for the report's examples
-        "response": list(batch.meta["response"]),
     }
     if ref_logprobs is not None:
         out["kl"] = ((batch["rollout_logprobs"] - ref_logprobs) * mask).sum(1).tolist()
@@ -55,19 +53,34 @@ def answer_stats(
 def held_out_prompts(cfg: RLHFConfig, n: int) -> list[list[int]]:
     """Token ids of the first `n` prompts of `data.eval_path` that pass the length check (a skipped one
     does not count): the held-out prompts of every evaluation."""
+    return held_out_records(cfg, n)[0]
+
+
+def held_out_records(cfg: RLHFConfig, n: int) -> tuple[list[list[int]], list[dict[str, Any]]]:
+    """`held_out_prompts` and, aligned with them, each prompt record's other fields (e.g. the answer a
+    verifiable task's `run.eval_function` checks against)."""
     from rlhf_ray.data import encode_prompts, load_records
+    from rlhf_ray.data.prompts import record_fields
     from rlhf_ray.models import load_tokenizer
 
     records = load_records(cfg.data.eval_path, [cfg.data.prompt_field])
     tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.policy_path, cfg.data.chat_template)
     _, ids, _ = encode_prompts(records[cfg.data.prompt_field], tokenizer, cfg.data, what="held-out prompt")
-    return [x for x in ids if x is not None][:n]
+    kept = [(x, f) for x, f in zip(ids, record_fields(records, cfg.data.prompt_field)) if x is not None][:n]
+    return [x for x, _ in kept], [f for _, f in kept]
 
 
-def sample_held_out(engine: Any, prompts: list[list[int]], cfg: RLHFConfig, greedy: bool) -> ray.ObjectRef:
+def sample_held_out(
+    engine: Any,
+    prompts: list[list[int]],
+    cfg: RLHFConfig,
+    greedy: bool,
+    fields: list[dict[str, Any]] | None = None,
+) -> ray.ObjectRef:
     """Ref of one answer per prompt from a `RolloutEngine`: greedy, or sampled with the seed `run.seed`
-    (the same samples in every evaluation of the same weights)."""
-    return engine.generate.remote(prompts, 1, greedy=greedy, seed=cfg.run.seed)
+    (the same samples in every evaluation of the same weights); `fields`: the prompts' record fields,
+    carried in the batch for the reward and the eval function."""
+    return engine.generate.remote(prompts, 1, greedy=greedy, seed=cfg.run.seed, fields=fields)
 
 
 def evaluate_policies(
@@ -85,7 +98,7 @@ def evaluate_policies(
             f"evaluate_policies: reference {reference!r} is not one of the policies {list(policies)}"
         )
 
-    prompts = held_out_prompts(cfg, cfg.pipeline.n_eval_prompts)
+    prompts, fields = held_out_records(cfg, cfg.pipeline.n_eval_prompts)
     function = cfg.run.eval_function or ""
     engines = {
         name: RolloutEngine.options(**role_options(cfg.placement.rollout)).remote(
@@ -97,12 +110,12 @@ def evaluate_policies(
     try:
         pending = {}
         for name, engine in engines.items():
-            sampled = sample_held_out(engine, prompts, cfg, greedy=False)
+            sampled = sample_held_out(engine, prompts, cfg, greedy=False, fields=fields)
             pending[f"{name}/sampled"] = answer_stats.remote(
                 function, sampled, reward.score.remote(sampled), engines[reference].logprobs.remote(sampled)
             )
             if cfg.pipeline.report_greedy:
-                greedy = sample_held_out(engine, prompts, cfg, greedy=True)
+                greedy = sample_held_out(engine, prompts, cfg, greedy=True, fields=fields)
                 pending[f"{name}/greedy"] = answer_stats.remote(
                     function, greedy, reward.score.remote(greedy), None
                 )

@@ -36,7 +36,7 @@ from rlhf_ray.experience import OldLogprobs, RewardNormalizer, old_logprobs_sour
 from rlhf_ray.metrics import MetricsLogger, plain, plot_metrics
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.samples import sample_due
-from rlhf_ray.trainer.evaluation import held_out_prompts, sample_held_out
+from rlhf_ray.trainer.evaluation import held_out_records, sample_held_out
 from rlhf_ray.trainer.gpu_sharing import GpuSharing
 from rlhf_ray.trainer.offline import require_model_dir
 from rlhf_ray.trainer.recovery import STEP_PHASES, Recovery, RecoveryError, RolledBack, drop_rows_after
@@ -104,9 +104,9 @@ class PPOTrainer:
         tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.policy_path, cfg.data.chat_template)
         records = load_records(cfg.data.train_path, [cfg.data.prompt_field])
         self.prompts = PromptSource(records, tokenizer, cfg.data, seed=cfg.run.seed)
-        self.eval_prompts = None
+        self.eval_prompts, self.eval_fields = None, None  # token ids; record fields for the reward
         if cfg.data.eval_path and cfg.run.eval_prompts:
-            self.eval_prompts = held_out_prompts(cfg, cfg.run.eval_prompts)
+            self.eval_prompts, self.eval_fields = held_out_records(cfg, cfg.run.eval_prompts)
         self.ckpt = CheckpointManager(
             ckpt_dir, cfg.checkpoint.keep_last, cfg.hash(), identity=cfg.checkpoint_identity()
         )
@@ -283,11 +283,17 @@ class PPOTrainer:
         times: dict[str, float] = {}
         step_seed = cfg.run.seed * 1_000_003 + self.step
 
-        prompts = [ids for _, ids in self.prompts.next(cfg.run.prompts_per_step)]
+        # each prompt's record fields (e.g. its answer) ride in the rollout's meta, for the reward
+        _, prompts, fields = zip(*self.prompts.next_records(cfg.run.prompts_per_step))
         self.sharing.before_generate()
         shards = np.array_split(np.arange(len(prompts)), len(roles.engines))
         parts = [
-            e.generate.remote([prompts[i] for i in idx], self.group, seed=step_seed * 97 + k)
+            e.generate.remote(
+                [prompts[i] for i in idx],
+                self.group,
+                seed=step_seed * 97 + k,
+                fields=[fields[i] for i in idx],
+            )
             for k, (e, idx) in enumerate(zip(roles.engines, shards))
             if len(idx)
         ]
@@ -393,7 +399,9 @@ class PPOTrainer:
     def evaluate(self) -> dict[str, float]:
         cfg, roles = self.cfg, self.roles
         self.sharing.before_generate()
-        batch = sample_held_out(roles.engines[0], self.eval_prompts, cfg, greedy=cfg.run.eval_greedy)
+        batch = sample_held_out(
+            roles.engines[0], self.eval_prompts, cfg, greedy=cfg.run.eval_greedy, fields=self.eval_fields
+        )
         scores = score_joined(batch, role_id.REWARD, roles.reward, "score")
         result = glue().eval_scores.remote(cfg.run.eval_function or "", batch, scores)
         samples = self.pick_samples(batch, scores) if cfg.logging.sample_interval else None
