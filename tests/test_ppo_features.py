@@ -1,6 +1,6 @@
 """RL stage features on a tiny model: colocated placement with the broadcast weight sync, an HTTP reward
-server, and the reference and reward as groups of two actors that give the experience one actor gives
-(one of which dies and is restarted alone).
+server that reads a prompt-record field, and the reference and reward as groups of two actors that give
+the experience one actor gives (one of which dies and is restarted alone).
 (Resume, and that the driver never holds a batch: tests/test_resume_exact.py.)"""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 
 from actors import role_id
 from rlhf_ray.batch import Batch
-from rlhf_ray.data.synthetic import digit_shaped_reward, write_task
+from rlhf_ray.data.loading import load_records, write_jsonl
+from rlhf_ray.data.synthetic import digit_shaped_reward, parse_prompt, write_task
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.rewards import serve_rule_function
 from rlhf_ray.trainer.ppo import PPOTrainer
@@ -67,12 +68,33 @@ def experience_of(trainer: PPOTrainer, reference: list, reward: list) -> tuple[B
         trainer.normalizer = normalizer
 
 
+def with_digits_field(task: dict, out) -> dict:
+    """The task's prompt files with a record field beside each prompt: `digits`, the prompt's own digits."""
+    copy = dict(task)
+    for key in ("prompts", "eval_prompts"):
+        rows = load_records(task[key], ["prompt"]).to_list()
+        digits = [{**r, "digits": " ".join(map(str, parse_prompt(r["prompt"])))} for r in rows]
+        copy[key] = write_jsonl(out / f"{key}.jsonl", digits)
+    return copy
+
+
 def test_colocated_broadcast_sync_and_http_reward(ray_local, tiny_model_dir, task, tmp_path):
-    server, url = serve_rule_function(digit_shaped_reward)
+    rows_seen: list[int] = []
+
+    def checked_reward(prompts: list[str], responses: list[str], digits: list[str]) -> list[float]:
+        """`digit_shaped_reward`, which also checks that each response came with its own prompt's record
+        field (a field given to another row fails the scorer, so the step)."""
+        for i, (prompt, field) in enumerate(zip(prompts, digits, strict=True)):
+            if parse_prompt(prompt) != [int(d) for d in field.split()]:
+                raise ValueError(f"row {i}: field digits={field!r} does not belong to prompt {prompt!r}")
+        rows_seen.append(len(digits))
+        return digit_shaped_reward(prompts, responses)
+
+    server, url = serve_rule_function(checked_reward)
     try:
         cfg = tiny_rl_config(
             tiny_model_dir,
-            task,
+            with_digits_field(task, tmp_path),
             tmp_path / "run",
             placement={
                 "mode": "colocate",
@@ -134,6 +156,9 @@ def test_colocated_broadcast_sync_and_http_reward(ray_local, tiny_model_dir, tas
             trainer.fit()
             assert trainer.recovery.restarts == 1
             assert roles.reference[0] is kept and roles.reference[1] is not lost
+            # the prompt records' field reached the scorer with every batch: a slice of each of the two
+            # reward actors (32 rows -> 16 each; the held-out 8 -> 4 each), and all 32 for one actor
+            assert {16, 4, 32} <= set(rows_seen), rows_seen
         finally:
             trainer.shutdown()
     finally:
