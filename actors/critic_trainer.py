@@ -10,9 +10,9 @@ import ray
 import torch
 
 from actors.deepspeed_rank import DeepSpeedRank, LossWeights
-from actors.worker_group import TrainerHandle, as_ref, joined
+from actors.worker_group import TrainerHandle, joined
 from rlhf_ray.algorithms import value_loss, value_loss_stats
-from rlhf_ray.batch import Batch
+from rlhf_ray.batch import Batch, RankShard
 from rlhf_ray.models import load_value_model, token_values
 
 
@@ -32,7 +32,7 @@ class CriticRank(DeepSpeedRank):
     def learning_rate(self) -> float:
         return self.cfg.trainer.critic_lr
 
-    def compute_values(self, batch: Batch) -> Batch:
+    def compute_values(self, batch: Batch | RankShard) -> Batch:
         """This rank's shard valued by the current critic: `values`, `[B_shard, T]` (aligned as in `Batch`)."""
 
         def value(part: Batch) -> dict[str, torch.Tensor]:
@@ -41,7 +41,7 @@ class CriticRank(DeepSpeedRank):
 
         return self._infer(batch, value)
 
-    def train(self, batch: Batch) -> dict[str, float]:
+    def train(self, batch: Batch | RankShard) -> dict[str, float]:
         """Value regression on this rank's shard (fields input_ids, attention_mask, response_mask, values =
         the rollout-time estimates, returns). Stats: value_loss, vf_clip_frac, value_mean, return_mean,
         value_error, grad_norm, lr."""
@@ -69,8 +69,8 @@ class CriticTrainer(TrainerHandle):
 
     def compute_values(self, batch_ref: ray.ObjectRef | Batch) -> ray.ObjectRef:
         """Ref of a Batch with `values` for every sample of `batch_ref`, in order."""
-        return joined(self.group.call("compute_values", as_ref(batch_ref)))
+        return joined(self.group.call_each("compute_values", self.per_rank(batch_ref)))
 
     def train(self, batch_ref: ray.ObjectRef | Batch) -> list[ray.ObjectRef]:
         """One critic update (algorithm.ppo_epochs over mini-batches); refs of the per-rank stats dicts."""
-        return self.group.call("train", as_ref(batch_ref))
+        return self.group.call_each("train", self.per_rank(batch_ref))

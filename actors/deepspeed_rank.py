@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from rlhf_ray import runtime
-from rlhf_ray.batch import Batch
+from rlhf_ray.batch import Batch, RankShard, rank_shards
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.deepspeed_config import OffloadPlan, rollout_offload_plan
 from rlhf_ray.metrics import extreme
@@ -216,25 +216,31 @@ class DeepSpeedRank:
         return self.plan.epochs * math.ceil(max_shard / per_rank)
 
     # ---- sharding and micro-batching -----------------------------------------------------------
-    def _shard(self, batch: Batch) -> tuple[Batch, int]:
+    def own_rows(self, batch: Batch | RankShard) -> RankShard:
+        """This rank's part of a batch: as the driver's handle cut it (`TrainerHandle.per_rank`), or cut
+        here from a whole batch (one rank, the offline stages, tests)."""
+        return batch if isinstance(batch, RankShard) else rank_shards(batch, self.world)[self.rank]
+
+    def _shard(self, batch: Batch | RankShard) -> tuple[Batch, int]:
         """This rank's shard and the largest shard of any rank (what sets the number of passes)."""
-        shards = batch.split(self.world)
-        return shards[self.rank], max(len(s) for s in shards)
+        own = self.own_rows(batch)
+        return own.batch, own.max_rows
 
     @torch.no_grad()
-    def _infer(self, batch: Batch, fn: Callable[[Batch], dict[str, Tensor]]) -> Batch:
+    def _infer(self, batch: Batch | RankShard, fn: Callable[[Batch], dict[str, Tensor]]) -> Batch:
         """Per-token outputs of `fn` on this rank's shard, `[len(shard), T]` fp32 on the CPU."""
-        if len(batch) == 0:
+        own = self.own_rows(batch)
+        if own.total_rows == 0:
             return Batch()
         self.engine.eval()
-        shard, max_shard = self._shard(batch)
-        width = batch.seq_len
+        shard, max_shard = own.batch, own.max_rows
+        width = own.stand_in.seq_len
         n_micro = math.ceil(max_shard / self.cfg.trainer.micro_batch_size)
         out: dict[str, list[Tensor]] = defaultdict(list)
         for part in shard.split(n_micro):
             if len(part) == 0:
                 if self.stage == 3:  # parameter gathers are collectives: keep in step with the peers
-                    fn(batch.select([0]).trim().to(self.device))
+                    fn(own.stand_in.trim().to(self.device))
                 continue
             for name, value in fn(part.trim().to(self.device)).items():
                 out[name].append(_pad_to(value.detach().float().cpu(), width))
@@ -252,18 +258,19 @@ class DeepSpeedRank:
         dist.all_reduce(total)
         return total.cpu()
 
-    def _train(self, batch: Batch, micro_loss: MicroLoss) -> dict[str, float]:
+    def _train(self, batch: Batch | RankShard, micro_loss: MicroLoss) -> dict[str, float]:
         """`plan.epochs` passes over this rank's shard in shuffled (seeded) mini-batches of
         `plan.mini_batch_size // world` sequences, one optimiser step each, accumulated over micro-batches.
         Returns token-weighted means of the micro-batch stats (extremes for `*_max`/`*_min`), and the mean
         `grad_norm` and `lr` of the optimiser steps."""
-        if len(batch) == 0:
+        own = self.own_rows(batch)
+        if own.total_rows == 0:
             raise ValueError("train: the batch is empty")
         self.engine.train()
-        shard, max_shard = self._shard(batch)
+        shard, max_shard = own.batch, own.max_rows
         n_mini = math.ceil(max_shard / max(1, self.plan.mini_batch_size // self.world))
         n_micro = math.ceil(math.ceil(max_shard / n_mini) / self.cfg.trainer.micro_batch_size)
-        stand_in = batch.select([0])
+        stand_in = own.stand_in
         sums: dict[str, float] = defaultdict(float)
         peaks: dict[str, float] = {}  # stats named *_max / *_min are extremes, not means (`extreme`)
         weight = 0.0

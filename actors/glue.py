@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from rlhf_ray.batch import Batch
+from rlhf_ray.batch import Batch, RankShard, rank_shards
 from rlhf_ray.config import AlgorithmConfig
 from rlhf_ray.experience import OldLogprobs, RewardNormalizer, make_experience, mark_old_logprobs
 from rlhf_ray.rewards import fields_of, load_rule_function, score_with_rule
@@ -103,6 +103,11 @@ class GlueWorker:
         """`n` contiguous slices of `batch` in order (`Batch.split`; some empty when `n > len(batch)`), one
         per scoring actor; the caller sets `num_returns=n`, so each slice is its own object."""
         return batch.split(n)
+
+    def shards(self, batch: Batch, world: int) -> list[RankShard]:
+        """Each trainer rank's `RankShard` of `batch`; the caller sets `num_returns=world`, so that each
+        rank pulls only its own rows."""
+        return rank_shards(batch, world)
 
     def join(self, *parts: Batch) -> Batch:
         """The scoring actors' answers on the slices, back in one batch in slice order."""

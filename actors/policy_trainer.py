@@ -11,9 +11,9 @@ import ray
 import torch
 
 from actors.deepspeed_rank import DeepSpeedRank, LossWeights
-from actors.worker_group import TrainerHandle, as_ref, joined, wait_all
+from actors.worker_group import TrainerHandle, joined, wait_all
 from rlhf_ray.algorithms import kl_estimate, masked_mean, ppo_policy_loss
-from rlhf_ray.batch import Batch
+from rlhf_ray.batch import Batch, RankShard
 from rlhf_ray.experience import OldLogprobs, old_logprobs_of
 from rlhf_ray.models import load_causal_lm, response_start, sequence_logprobs
 
@@ -25,7 +25,7 @@ class PolicyRank(DeepSpeedRank):
     def build_model(self) -> torch.nn.Module:
         return load_causal_lm(self.cfg.model.policy_path, dtype=self.dtype, device=self.device)
 
-    def compute_logprobs(self, batch: Batch) -> Batch:
+    def compute_logprobs(self, batch: Batch | RankShard) -> Batch:
         """This rank's shard scored by the current policy: `logprobs` and `entropy`, `[B_shard, T]`
         (at the sampler's temperature, aligned as in `Batch`; 0 before the first response position)."""
 
@@ -43,19 +43,20 @@ class PolicyRank(DeepSpeedRank):
 
         return self._infer(batch, score)
 
-    def train(self, batch: Batch, kl_coef: float) -> dict[str, float]:
+    def train(self, batch: Batch | RankShard, kl_coef: float) -> dict[str, float]:
         """PPO on this rank's shard of `batch` (fields input_ids, attention_mask, response_mask, advantages,
         ref_logprobs for the KL term, and the old `logprobs` unless the batch says they come from the
         update itself: `rlhf_ray.experience.old_logprobs_of`). Stats: policy_loss, clip_frac, approx_kl, entropy,
         kl_loss, grad_norm, lr (and the other diagnostics of `ppo_policy_loss`)."""
         algo = self.cfg.algorithm
         temperature = self.cfg.rollout.temperature
-        source = old_logprobs_of(batch)
-        steps = self.optimiser_steps(len(batch))
+        own = self.own_rows(batch)
+        source = old_logprobs_of(own.stand_in)  # every row of a batch carries the same mark
+        steps = self.optimiser_steps(own.total_rows)
         if source is OldLogprobs.FROM_UPDATE and steps != 1:
             raise ValueError(
                 f"train: the batch has no old log-probs (they were to come from the update itself), but this "
-                f"update takes {steps} optimiser steps ({len(batch)} sequences, algorithm.mini_batch_size="
+                f"update takes {steps} optimiser steps ({own.total_rows} sequences, algorithm.mini_batch_size="
                 f"{algo.mini_batch_size}, ppo_epochs={algo.ppo_epochs}): that is exact only when one step "
                 f"takes the whole batch (see algorithm.old_logprobs); score it with compute_logprobs first"
             )
@@ -104,7 +105,7 @@ class PolicyRank(DeepSpeedRank):
                 stats["rollout_vs_trainer_logprob_diff"] = masked_mean(gap, mask).item()
             return loss, stats
 
-        return self._train(batch, micro_loss)
+        return self._train(own, micro_loss)
 
 
 # ---- runs on the driver ------------------------------------------------------------------------------------
@@ -117,12 +118,12 @@ class PolicyTrainer(TrainerHandle):
 
     def compute_logprobs(self, batch_ref: ray.ObjectRef | Batch) -> ray.ObjectRef:
         """Ref of a Batch with `logprobs` and `entropy` for every sample of `batch_ref`, in order."""
-        return joined(self.group.call("compute_logprobs", as_ref(batch_ref)))
+        return joined(self.group.call_each("compute_logprobs", self.per_rank(batch_ref)))
 
     def train(self, batch_ref: ray.ObjectRef | Batch, kl_coef: float) -> list[ray.ObjectRef]:
         """One PPO update (algorithm.ppo_epochs over mini-batches); refs of the per-rank stats dicts
         (average them with `actors.worker_group.combine_rank_stats`)."""
-        return self.group.call("train", as_ref(batch_ref), float(kl_coef))
+        return self.group.call_each("train", self.per_rank(batch_ref), float(kl_coef))
 
     # ---- broadcast transport (rlhf_ray.weight_transport): trainer rank 0 is rank 0 of the side group
     def weight_manifest(self, timeout: float | None = None) -> list[tuple[str, tuple[int, ...], str]]:

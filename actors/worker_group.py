@@ -162,6 +162,12 @@ class WorkerGroup:
             raise WorkerGroupError(f"call({method!r}): the worker group was killed")
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
+    def call_each(self, method: str, per_rank: Sequence[Any], *args: Any) -> list[ray.ObjectRef]:
+        """Call `method(per_rank[r], *args)` on each rank r; one ref per rank, in rank order."""
+        if not self.actors:
+            raise WorkerGroupError(f"call_each({method!r}): the worker group was killed")
+        return [getattr(a, method).remote(own, *args) for a, own in zip(self.actors, per_rank, strict=True)]
+
     def call_rank0(self, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         if not self.actors:
             raise WorkerGroupError(f"call_rank0({method!r}): the worker group was killed")
@@ -189,6 +195,14 @@ class TrainerHandle:
     ):
         self.cfg = cfg
         self.group = WorkerGroup(self.rank_cls, cfg, cfg.trainer.num_ranks, options_per_rank, init_timeout)
+
+    def per_rank(self, batch_ref: ray.ObjectRef | Any) -> list[ray.ObjectRef]:
+        """What each rank is handed of a batch: with one rank the batch's ref as it is; else each rank's
+        own `RankShard`, cut on the glue worker, so that no rank pulls the rows of the others."""
+        ref, world = as_ref(batch_ref), len(self.group)
+        if world == 1:
+            return [ref]
+        return glue().shards.options(num_returns=world).remote(ref, world)
 
     def export_weights(self, timeout: float | None = None) -> list[ray.ObjectRef]:
         """Rank 0's object-store weight sync payload, one ref per bucket (`rlhf_ray.weight_transport.

@@ -128,6 +128,27 @@ class Batch:
 REBUILDS = {"count": 0}  # batches deserialised in this process (tests check the driver never does it)
 
 
+@dataclass
+class RankShard:
+    """One trainer rank's rows of a batch, cut before the batch travels so that each rank receives only
+    its own (`rank_shards`). `max_rows`: the largest shard of any rank (it fixes the passes every rank
+    makes in step); `total_rows`: the whole batch's; `stand_in`: the batch's first row, for the zero-weight
+    passes of a rank with nothing left (it carries the batch's width and meta marks too)."""
+
+    batch: Batch
+    max_rows: int
+    total_rows: int
+    stand_in: Batch
+
+
+def rank_shards(batch: Batch, world: int) -> list[RankShard]:
+    """`batch` as `world` contiguous `RankShard`s in rank order (`Batch.split`)."""
+    shards = batch.split(world)
+    stand_in = batch.select([0]) if len(batch) else Batch()
+    top = max(len(s) for s in shards)
+    return [RankShard(s, top, len(batch), stand_in) for s in shards]
+
+
 def _rebuild_batch(
     arrays: dict[str, np.ndarray], dtypes: dict[str, str], meta: dict[str, list[Any]]
 ) -> Batch:

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from rlhf_ray.batch import Batch
+from rlhf_ray.batch import Batch, rank_shards
 
 
 def make(n: int, t: int, offset: int = 0) -> Batch:
@@ -64,3 +64,14 @@ def test_pickle_round_trip_keeps_dtypes_and_values():
         assert torch.equal(out[k], b[k]), k
     assert out.meta == b.meta
     out["logprobs"].add_(1.0)  # writable after transport
+
+
+def test_rank_shards_carry_what_keeps_the_ranks_in_step():
+    b = Batch({"input_ids": torch.arange(10).view(5, 2)}, {"mark": ["x"] * 5})
+    shards = rank_shards(b, 2)
+    assert [len(s.batch) for s in shards] == [2, 3]  # Batch.split: contiguous, in rank order
+    assert [s.max_rows for s in shards] == [3, 3] and [s.total_rows for s in shards] == [5, 5]
+    assert torch.equal(shards[1].batch["input_ids"], b["input_ids"][2:])
+    assert shards[0].stand_in.meta == {"mark": ["x"]} and len(shards[0].stand_in) == 1
+    empty = rank_shards(b.select([0]), 3)
+    assert [len(s.batch) for s in empty] == [0, 1, 0] and all(s.max_rows == 1 for s in empty)

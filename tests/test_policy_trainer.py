@@ -160,6 +160,8 @@ def scenario(request, ray_local, tiny_model_dir, tmp_path_factory):
             facts[f"rows{rows}"] = ray.get(trainer.compute_logprobs(part), timeout=120)["logprobs"]
         for rows, part in parts.items():
             facts[f"rows{rows}_stats"] = ray.get(trainer.train(part, kl_coef=0.1), timeout=120)
+        facts["parts"] = parts
+        facts["handed"] = {rows: ray.get(trainer.per_rank(part), timeout=60) for rows, part in parts.items()}
     finally:
         trainer.kill()
         if peer is not None:
@@ -325,3 +327,17 @@ def test_uneven_and_empty_shards(scenario):
         stats = scenario[f"rows{rows}_stats"]
         assert all(s["grad_norm"] > 0 and s["grad_norm"] == stats[0]["grad_norm"] for s in stats)
     assert "policy_loss" not in scenario["rows1_stats"][0]  # rank 0 only ran zero-weight stand-in passes
+
+
+def test_each_rank_is_handed_only_its_rows(scenario):
+    """The handle cuts a batch on the glue worker before it travels: rank r receives a `RankShard` of its
+    own rows (4 + 3 of 7; 0 + 1 of 1), with the counts that keep the ranks in step, not the whole batch."""
+    for rows, expected in ((7, [4, 3]), (1, [0, 1])):
+        handed, part = scenario["handed"][rows], scenario["parts"][rows]
+        assert [len(h.batch) for h in handed] == expected
+        assert all(h.total_rows == rows and h.max_rows == max(expected) for h in handed)
+        start = 0
+        for h, n in zip(handed, expected):
+            assert torch.equal(h.batch["input_ids"], part["input_ids"][start : start + n])
+            assert torch.equal(h.stand_in["input_ids"], part["input_ids"][:1])
+            start += n
