@@ -82,6 +82,19 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, capsys):
     assert curve[0] == pytest.approx(on_disk["sft"]["gold"], abs=0.02), (curve, on_disk["sft"])
     assert curve[-1] == pytest.approx(on_disk["rl"]["gold"], abs=0.02), (curve, on_disk["rl"])
     print(json.dumps({k: on_disk[k] for k in ("sft", "rl", "gain", "verdict", "seconds")}, indent=1))
+    # what the policies wrote: the report shows the first held-out answers of both side by side, and the RL
+    # run's samples.jsonl its evaluations' answers (first held-out prompt first) and the last step's batch
+    answers = json.loads((out / "stages" / "evaluate.json").read_text())["result"]
+    examples = on_disk["examples"]
+    assert len(examples) == 4 and "examples (the first held-out prompts" in summary["table"]
+    for policy in ("sft", "rl"):
+        assert [e[policy]["response"] for e in examples] == answers[policy]["sampled"]["response"][:4]
+        assert [e[policy]["gold"] for e in examples] == answers[policy]["sampled"]["gold"][:4]
+    samples = [json.loads(line) for line in (out / "rl" / "samples.jsonl").read_text().splitlines()]
+    # (evaluations at 0, 3 and 6; the last step evaluates before it logs: its held-out answers come first)
+    expected = [(0, "eval")] * 4 + [(3, "eval")] * 4 + [(6, "eval")] * 4 + [(6, "train")] * 4
+    assert [(r["step"], r["split"]) for r in samples] == expected
+    assert samples[0]["prompt"] == examples[0]["prompt"]
 
     # each stage's output is the next one's input
     pairs = [json.loads(line) for line in (out / "preferences" / "pairs.jsonl").read_text().splitlines()]
