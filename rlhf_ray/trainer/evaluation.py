@@ -32,9 +32,10 @@ from rlhf_ray.trainer.roles import wait_for
 @ray.remote(num_cpus=0)
 def answer_stats(
     function: str, batch: Batch, scores: Batch, ref_logprobs: torch.Tensor | None
-) -> dict[str, list[float]]:
-    """Per answer: gold (`function`), reward (the reward model's score), length in tokens and, when
-    reference log-probs are given, the answer's log-ratio to the reference (its KL contribution)."""
+) -> dict[str, list[Any]]:
+    """Per answer: gold (`function`), reward (the reward model's score), length in tokens, the prompt and
+    response texts and, when reference log-probs are given, the answer's log-ratio to the reference (its KL
+    contribution)."""
     from rlhf_ray.rewards import fields_of, load_rule_function, score_with_rule
 
     fn = load_rule_function(function)
@@ -44,6 +45,8 @@ def answer_stats(
         "gold": score_with_rule(fn, prompts, responses, function, fields_of(batch.meta)),
         "reward": scores["scores"].float().tolist(),
         "length": mask.sum(1).tolist(),
+        "prompt": list(batch.meta["prompt"]),  # the texts, for the report's examples
+        "response": list(batch.meta["response"]),
     }
     if ref_logprobs is not None:
         out["kl"] = ((batch["rollout_logprobs"] - ref_logprobs) * mask).sum(1).tolist()
