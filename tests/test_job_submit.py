@@ -224,18 +224,6 @@ def test_submit_rl_job(ray_head, tmp_path):
     assert (out / "curves.png").stat().st_size > 1000
     assert client.get_job_info(job_id).entrypoint == entrypoint
 
-    # the same job submitted again with the same output dir (and a longer run) resumes: steps 5-6 only
-    again = entrypoint.replace("run.total_steps=4", "run.total_steps=6")
-    job_id = client.submit_job(entrypoint=again, runtime_env=runtime_env)
-    status = client.get_job_status(job_id)
-    while not status.is_terminal() and time.monotonic() < deadline + 300:
-        time.sleep(3)
-        status = client.get_job_status(job_id)
-    logs = client.get_job_logs(job_id)
-    if not status.is_terminal():
-        client.stop_job(job_id)
-    assert status == JobStatus.SUCCEEDED, f"{status}: {logs[-4000:]}"
-    assert "step 5/6 | reward " in logs and "step 6/6 | reward " in logs
-    assert "step 1/6 | reward " not in logs and "step 4/6 | reward " not in logs  # not done again
-    rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward/mean" in r]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # Resubmitting resumes: proven, exactly, by tests/test_resume_exact.py::
+    # test_resubmitted_job_equals_the_uninterrupted_run (the job's entry point in a new driver process joining
+    # the cluster); a second submission here (~60 s) repeated it less precisely.
