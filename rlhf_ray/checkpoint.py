@@ -24,6 +24,20 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which and why."""
 
 
+def checkpoint_due(
+    step: int, total_steps: int, interval: int, interval_minutes: float, minutes_since_save: float
+) -> bool:
+    """Whether the RL loop saves a checkpoint after training step `step` (from 1): at the last step (the
+    run's result), every `interval` steps (0: off), and once `interval_minutes` (0: off) have passed since
+    the last save or the start of the run, so a crash costs at most about that much work (plus the step in
+    progress) however long a step takes."""
+    return (
+        step == total_steps
+        or (interval > 0 and step % interval == 0)
+        or (interval_minutes > 0 and minutes_since_save >= interval_minutes)
+    )
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

@@ -409,13 +409,22 @@ class LoggingConfig:
 @dataclass
 class CheckpointConfig:
     dir: str | None = None  # defaults to <run.output_dir>/checkpoints
-    interval: int = 0  # steps; 0: only at the end
+    interval: int = 0  # steps between checkpoints; 0: off (the last step always saves one)
+    # minutes of training since the last save that make the next step save one, so a crash costs at most
+    # about this much work whatever the step time; 0: off
+    interval_minutes: float = 30.0
     keep_last: int = 2  # newest checkpoints kept; older ones are deleted
     resume: bool = True  # continue from the newest complete checkpoint in dir
 
     def check(self, prefix: str) -> None:
         p = prefix
         _require(p + "interval", self.interval, self.interval >= 0, "an integer >= 0")
+        _require(
+            p + "interval_minutes",
+            self.interval_minutes,
+            self.interval_minutes >= 0,
+            "a number >= 0 (0: off)",
+        )
         _require(p + "keep_last", self.keep_last, self.keep_last >= 1, "an integer >= 1")
 
 

@@ -28,7 +28,7 @@ from actors.glue import glue, reset_glue
 from actors.role_id import RoleId, RoleKind
 from actors.worker_group import combine_rank_stats
 from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController
-from rlhf_ray.checkpoint import CheckpointManager, writable_dir
+from rlhf_ray.checkpoint import CheckpointManager, checkpoint_due, writable_dir
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.data import DataError, PromptSource, load_records
 from rlhf_ray.engine_args import engines_sleep
@@ -121,6 +121,7 @@ class PPOTrainer:
                 latest.name,
             )
         self.last_checkpoint: Path | None = None  # the newest this run wrote or resumed from
+        self._saved_at = time.monotonic()  # the last save or restore (or the start): checkpoint_due's clock
         self._initial_data = self.prompts.state_dict()
         self.reset_driver_state()
         # every part of a step runs through it; it may call `resync` and `rewind` (`Recoverable`)
@@ -182,6 +183,7 @@ class PPOTrainer:
         self._last: dict[str, Any] = {}
         policy_dir = self.out / "policy"
         evaluated = self.step > 0 or not self.eval_prompts  # the step-0 evaluation, once
+        self._saved_at = time.monotonic()  # the minutes since a save count from here (the roles are up)
         try:
             while True:
                 try:
@@ -225,8 +227,9 @@ class PPOTrainer:
         self._last = metrics
         if on_step is not None:
             on_step(self.step, metrics)
-        interval = cfg.checkpoint.interval
-        if (interval and self.step % interval == 0) or final:
+        ckpt = cfg.checkpoint
+        minutes = (time.monotonic() - self._saved_at) / 60
+        if checkpoint_due(self.step, cfg.run.total_steps, ckpt.interval, ckpt.interval_minutes, minutes):
             self.recovery.attempt(self.save_checkpoint, "checkpoint")
 
     # ---- one step -------------------------------------------------------------------------------
@@ -445,11 +448,13 @@ class PPOTrainer:
             (tmp / STATE_FILE).write_text(json.dumps(vars(state)))
 
         self.last_checkpoint = self.ckpt.save(self.step, write)
+        self._saved_at = time.monotonic()
         return self.last_checkpoint
 
     def restore(self, path: Path) -> None:
         manifest = self.ckpt.verify(path)
         self.last_checkpoint = path
+        self._saved_at = time.monotonic()  # the work since this checkpoint is what a crash would cost now
         roles, timeout = self.roles, self.cfg.run.call_timeout_s
         self.sharing.trainer_resident()
         roles.policy.load_checkpoint(str(path / "policy"), timeout)
