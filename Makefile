@@ -1,6 +1,7 @@
 # The README's two commands: `make demo` and `make test`. Both create .venv and install on first use.
 SHELL := /bin/bash
-EXTRAS ?= cpu,dev
+# EXTRAS empty: the extras .venv was installed with, else cpu,dev; cpu and gpu never mix (scripts/extras.sh)
+EXTRAS ?=
 ENV := source scripts/env.sh &&
 PY := .venv/bin/python
 CONFIG ?= jobs/configs/tiny.yaml
