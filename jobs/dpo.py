@@ -2,8 +2,10 @@
 records) against a frozen copy of itself, on trainer.num_ranks DeepSpeed ranks; writes
 <run.output_dir>/dpo and <run.output_dir>/logs/dpo/.
 
-python -m jobs.dpo --config jobs/configs/tiny.yaml [--epochs N] [--batch-size N] [--lr X] [--beta B] [--loss-type sigmoid|ipo] [section.key=value ...]
-ray job submit --working-dir . -- python -m jobs.dpo --config jobs/configs/tiny.yaml
+python -m jobs.synthetic_task --out runs/tiny-task   # first: the task's data and a tiny model
+python -m jobs.sft --config jobs/configs/tiny_sft.yaml   # then the SFT policy DPO starts from
+python -m jobs.dpo --config jobs/configs/tiny_dpo.yaml [--epochs N] [--batch-size N] [--lr X] [--beta B] [--loss-type sigmoid|ipo] [section.key=value ...]
+ray job submit --working-dir . -- python -m jobs.dpo --config jobs/configs/tiny_dpo.yaml
 
 The flags override the config's offline.dpo section (defaults: beta 0.1, sigmoid).
 """

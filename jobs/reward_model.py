@@ -2,8 +2,9 @@
 trainer.num_ranks DeepSpeed ranks, starting from model.reward_path, else <run.output_dir>/sft, else
 model.policy_path; writes <run.output_dir>/reward_model and <run.output_dir>/logs/reward_model/.
 
-python -m jobs.reward_model --config jobs/configs/tiny.yaml [--epochs N] [--batch-size N] [--lr X] [section.key=value ...]
-ray job submit --working-dir . -- python -m jobs.reward_model --config jobs/configs/tiny.yaml
+python -m jobs.synthetic_task --out runs/tiny-task   # first: the task's data and a tiny model
+python -m jobs.reward_model --config jobs/configs/tiny_reward_model.yaml [--epochs N] [--batch-size N] [--lr X] [section.key=value ...]
+ray job submit --working-dir . -- python -m jobs.reward_model --config jobs/configs/tiny_reward_model.yaml
 
 --epochs, --batch-size (pairs per optimiser step, all ranks) and --lr (default trainer.lr) override the
 config's offline.reward_model section.
