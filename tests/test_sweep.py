@@ -284,7 +284,12 @@ def test_interrupted_sweep_resumes_the_running_trial_from_its_checkpoint(
     from rlhf_ray.trainer.sweep import run_sweep
 
     root = Path(__file__).resolve().parents[1]
-    cfg = sweep_rl_config(tiny_model_dir, task).with_overrides(["checkpoint.interval=1"])
+    # 10 steps, a checkpoint at each: Ctrl-C lands while the second trial still runs (with 3 steps of
+    # ~0.3 s it could finish between the poll that saw its first checkpoint and the signal)
+    total = 10
+    cfg = sweep_rl_config(tiny_model_dir, task).with_overrides(
+        ["checkpoint.interval=1", f"run.total_steps={total}"]
+    )
     sweep = SweepConfig(
         output_dir=str(tmp_path / "sweep"),
         name="r",
@@ -331,7 +336,7 @@ def test_interrupted_sweep_resumes_the_running_trial_from_its_checkpoint(
     saved_at = int(
         json.loads((CheckpointManager(cut / "checkpoints").latest() / "manifest.json").read_text())["step"]
     )
-    assert 1 <= saved_at < TOTAL_STEPS
+    assert 1 <= saved_at < total
     lines = (cut / "metrics.jsonl").read_text().splitlines()
     kept = [line for line in lines if json.loads(line)["step"] <= saved_at]
     assert [json.loads(line)["step"] for line in kept] == list(range(saved_at + 1))  # 0: the evaluation
@@ -341,12 +346,12 @@ def test_interrupted_sweep_resumes_the_running_trial_from_its_checkpoint(
     assert result.restored and result.finished
     assert {r["trial"] for r in result.rows} == {finished.name, cut.name}
     for r in result.rows:
-        assert r["status"] == "completed" and r["steps"] == TOTAL_STEPS and not r["error"], r
+        assert r["status"] == "completed" and r["steps"] == total and not r["error"], r
     # the finished trial did not run again: every file of it is as it was
     assert {p: p.read_bytes() for p in sorted(finished.rglob("*")) if p.is_file()} == before
     # the interrupted one resumed from its checkpoint: the rows up to it were not written again (their
     # wall-clock times are the first run's), each later step appears once, and it ended with its policy
     lines = (cut / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == list(range(TOTAL_STEPS + 1))
+    assert [json.loads(line)["step"] for line in lines] == list(range(total + 1))
     assert lines[: saved_at + 1] == kept
     assert (cut / "policy" / "config.json").is_file()
