@@ -138,12 +138,13 @@ class PPOTrainer:
         wait_for({"glue worker": glue().ping.remote()}, self.cfg.run.call_timeout_s)  # up before step 1
         self.sync = make_weight_sync(self.cfg, self.roles)
         cfg = self.cfg
+        sleep = engines_sleep(cfg)
         self.sharing = GpuSharing(
             self.roles,
-            sleep=engines_sleep(cfg),
+            sleep=sleep,
             offload=cfg.trainer.offload_during_rollout,
             timeout_s=cfg.run.call_timeout_s,
-            asleep=engines_sleep(cfg),  # start_roles put them to sleep before the trainer started
+            asleep=sleep,  # start_roles put them to sleep before the trainer started
         )
         latest = self.ckpt.latest() if self.cfg.checkpoint.resume else None
         if latest is not None:
