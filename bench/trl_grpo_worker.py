@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -28,15 +29,19 @@ sys.path.insert(0, str(ROOT))  # rlhf_ray's reward functions are pure Python: th
 
 
 def load_reward(spec: str, chat: bool):
-    """Our rule function `module:function` (prompts, responses) -> scores, as a TRL reward function."""
+    """Our rule function `module:function` (prompts, responses, **fields) -> scores, as a TRL reward
+    function. TRL passes the dataset's other columns as keyword arguments, one value per completion, as
+    our reward actor passes the prompt record's fields; those the function names are forwarded."""
     module, name = spec.split(":")
     fn = getattr(importlib.import_module(module), name)
+    wanted = set(list(inspect.signature(fn).parameters)[2:])
 
     def text(x) -> str:
         return x[-1]["content"] if chat else x
 
-    def reward(prompts, completions, **_kwargs):
-        return fn([text(p) for p in prompts], [text(c) for c in completions])
+    def reward(prompts, completions, **kwargs):
+        fields = {k: v for k, v in kwargs.items() if k in wanted}
+        return fn([text(p) for p in prompts], [text(c) for c in completions], **fields)
 
     reward.__name__ = name
     return reward
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--save", default=None, help="directory to save the trained policy to (transformers format)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
@@ -134,10 +140,14 @@ def main(argv: list[str] | None = None) -> None:
         )
         startup = time.perf_counter() - t_start
         trainer.train()
+        if args.save:
+            trainer.save_model(args.save)
+            tok.save_pretrained(args.save)
     steps = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
     step_logs = [lg for lg in timer.logs if "loss" in lg or "reward" in lg]
     record = {
         "startup_s": startup,
+        "train_s": sum(steps),
         "threads": torch.get_num_threads(),
         "step_s": steps[args.warmup :],
         "warmup_step_s": steps[: args.warmup],

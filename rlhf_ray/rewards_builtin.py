@@ -70,3 +70,23 @@ def arithmetic_reward(
     number is the record's `answer`, 0.0 otherwise (`arithmetic_score`). `answer` is the prompt records'
     field, one per response, passed by the reward actor (`rlhf_ray.rewards`); the prompts are not used."""
     return [arithmetic_score(r, a) for r, a in zip(responses, answer, strict=True)]
+
+
+def arithmetic_partial_score(response: str, answer: int | float | str) -> float:
+    """Training signal for a model that rarely ends on the answer yet: 1.0 when the final number is the
+    answer (`arithmetic_score`), 0.5 when the answer is written earlier in the response ("6 * 3 = 18
+    apples in 6 bags"), 0.0 otherwise. Evaluate with `arithmetic_score`, which gives no partial credit."""
+    if arithmetic_score(response, answer):
+        return 1.0
+    expected = final_number(str(answer)) if isinstance(answer, str) else float(answer)
+    numbers = (float(m.replace(",", "").replace("\u2212", "-")) for m in _NUMBER.findall(response))
+    return 0.5 * any(expected is not None and math.isclose(n, expected, abs_tol=1e-9) for n in numbers)
+
+
+def arithmetic_partial_reward(
+    prompts: list[str], responses: list[str], answer: list[int | float | str]
+) -> list[float]:
+    """`arithmetic_partial_score` per response: half credit for an answer stated before the end, so that
+    a small model (SmolLM2-135M ends on the right number ~6% of the time) gets a denser signal toward
+    saying it and stopping. The strict `arithmetic_reward` stays the held-out score."""
+    return [arithmetic_partial_score(r, a) for r, a in zip(responses, answer, strict=True)]
