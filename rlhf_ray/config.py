@@ -463,14 +463,27 @@ class OfflineConfig:
 
 @dataclass
 class PipelineConfig:
-    """The four-stage job (`jobs.pipeline`) on the synthetic task: where the run lives, the task's sizes,
-    how many preference pairs to sample and how the final report evaluates. Each stage's own settings are
-    the sections above (offline.sft, offline.reward_model, and the rest for RL)."""
+    """The four-stage job (`jobs.pipeline`): where the run lives, where its data and first model come from
+    (the synthetic task and its sizes, or your own files: docs/OWN_DATA.md), stages to skip because you
+    have their output, how many preference pairs to sample and how the final report evaluates. Each
+    stage's own settings are the sections above (offline.sft, offline.reward_model, and the rest for RL)."""
 
     output_dir: str = "runs/pipeline"  # task/, sft/, preferences/, reward_model/, rl/, summary.json
+    # synthetic: the embedded sorting task (n_demos ... below) and a random tiny model; own: your model
+    # and files (base_model ... eval_prompts below)
+    task: Literal["synthetic", "own"] = "synthetic"
+    base_model: str | None = None  # own: local HF directory (model + tokenizer) that SFT fine-tunes
+    demonstrations: str | None = None  # own: SFT data, JSONL/Parquet records {prompt, response}
+    preference_pairs: str | None = None  # own: reward-model data, records {prompt, chosen, rejected}
+    prompts: str | None = None  # own: RL prompts, records {prompt, ...}; the other fields reach the reward
+    eval_prompts: str | None = None  # own: held-out prompts for RL's evaluations and the final report
+    sft_model: str | None = None  # an SFT policy directory you already have: the SFT stage is skipped
+    # a reward model directory you already have (same tokenizer as the policy): preference sampling and
+    # reward-model training are skipped
+    reward_model: str | None = None
     n_demos: int = 8000  # noisy demonstrations for SFT
     n_train_prompts: int = 4000  # prompts for preference sampling and RL
-    n_eval_prompts: int = 500  # held-out prompts: RL evaluation and the final report
+    n_eval_prompts: int = 500  # held-out prompts: RL evaluation and the final report (own: the first n)
     preference_prompts: int = 4000  # prompts sampled twice by the SFT policy (pairs <= this)
     report_greedy: bool = True  # the report also scores greedy answers (temperature-1 samples always)
     min_gold_gain: float = 0.02  # smallest rise of the sampled gold score that counts as an improvement
@@ -484,6 +497,27 @@ class PipelineConfig:
             p + "preference_prompts", self.preference_prompts, self.preference_prompts >= 2, "an integer >= 2"
         )
         _require(p + "min_gold_gain", self.min_gold_gain, self.min_gold_gain >= 0, "a number >= 0")
+        own_keys = ("base_model", "demonstrations", "preference_pairs", "prompts", "eval_prompts")
+        own = {k: getattr(self, k) for k in own_keys}
+        if self.task == "synthetic":
+            given = [k for k, v in own.items() if v is not None]
+            if given:
+                raise ConfigError(
+                    f"{p}{given[0]}={own[given[0]]!r} is read only with {p}task=own (the synthetic task writes "
+                    f"its own data and model); set {p}task=own, or remove {p}{given[0]}"
+                )
+            return
+        if not self.prompts:
+            raise ConfigError(
+                f"{p}prompts is not set: {p}task=own needs the RL prompts (JSONL/Parquet records with a "
+                f"prompt field); set {p}prompts=/path/to/prompts.jsonl"
+            )
+        if not self.sft_model and not (self.base_model and self.demonstrations):
+            missing = "base_model" if not self.base_model else "demonstrations"
+            raise ConfigError(
+                f"{p}{missing} is not set: {p}task=own trains SFT from {p}base_model on {p}demonstrations; set "
+                f"both, or {p}sft_model to an SFT model you already have (the SFT stage is then skipped)"
+            )
 
 
 @dataclass
