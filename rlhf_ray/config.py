@@ -165,12 +165,33 @@ class RolloutConfig:
             raise ConfigError(f"{p}sleep=true needs {p}engine=vllm (sleep mode is vLLM's); set {p}sleep=null")
 
 
+def _check_registered(prefix: str, key: str, spec: str) -> None:
+    """`spec` names a registered estimator/policy loss, or has the form 'module:function' (loaded where it
+    runs, as reward.function is)."""
+    from rlhf_ray.algorithms.registry import estimator_names, policy_loss_names  # torch: only when checked
+
+    names = estimator_names() if key == "estimator" else policy_loss_names()
+    if spec in names:
+        return
+    module, _, attr = spec.partition(":")
+    if not (module and attr):
+        raise ConfigError(
+            f"{prefix}{key}={spec!r} is not registered: choose one of {', '.join(map(repr, names))}, or name "
+            f"a function of your own as 'package.module:function'"
+        )
+
+
 @dataclass
 class AlgorithmConfig:
-    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "grpo"  # advantage estimator (gae: a critic)
+    # advantage estimator: gae (learns a critic), grpo, dr_grpo, rloo, reinforce_pp, or 'module:function'
+    # (rlhf_ray.algorithms.registry)
+    estimator: str = "grpo"
+    # the policy loss: ppo (token-level clipped ratio), gspo (sequence-level ratio), or 'module:function'
+    policy_loss: str = "ppo"
     gamma: float = 1.0  # discount of future token rewards (GAE)
     lam: float = 0.95  # GAE lambda: bias/variance trade-off of the advantage
     clip_eps: float = 0.2  # PPO ratio clip
+    clip_eps_low: float | None = None  # lower clip: ratio >= 1 - clip_eps_low; None: = clip_eps
     clip_eps_high: float | None = None  # asymmetric upper clip (DAPO "clip-higher"); None: = clip_eps
     dual_clip: float | None = None  # dual-clip constant c > 1 for negative advantages
     value_clip: float | None = 0.2  # clip of the critic's value change per update; None: off
@@ -181,11 +202,20 @@ class AlgorithmConfig:
     kl_horizon: int = 10000  # adaptive KL controller's horizon, in samples
     whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over the batch (gae, rloo)
     reward_clip: float | None = None  # clip scores to [-c, c]
+    # DAPO's soft overlong penalty: a response in the last `overlong_buffer` tokens before
+    # rollout.max_new_tokens loses up to `overlong_penalty` of its score, linearly; 0: off
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0  # what a response of rollout.max_new_tokens tokens loses
     normalize_reward: bool = False  # scale scores by a running std
     ppo_epochs: int = 1  # passes over each step's batch
     mini_batch_size: int = 32  # sequences per optimiser step
     # how the per-token losses are averaged into one: over all tokens, or per sequence first
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    # (seq-mean-token-sum-norm: Dr. GRPO's sums over a constant, rollout.max_new_tokens; seq-mean-token-sum
+    # is the same); auto: the policy loss's paper's (gspo: seq-mean-token-mean), else the estimator's
+    # (dr_grpo: seq-mean-token-sum-norm), else token-mean
+    loss_agg: Literal[
+        "auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = "auto"
     entropy_coef: float = 0.0  # weight of the entropy bonus
     # Where the PPO ratio's "old" log-probs come from. auto: when one optimiser step takes the whole batch
     # (ppo_epochs=1, mini_batch_size >= the step's batch) and the KL is in the loss, the training forward's
@@ -199,7 +229,15 @@ class AlgorithmConfig:
         p = prefix
         _require(p + "gamma", self.gamma, 0 <= self.gamma <= 1, "a number in [0, 1]")
         _require(p + "lam", self.lam, 0 <= self.lam <= 1, "a number in [0, 1]")
+        _check_registered(p, "estimator", self.estimator)
+        _check_registered(p, "policy_loss", self.policy_loss)
         _require(p + "clip_eps", self.clip_eps, 0 < self.clip_eps < 1, "a number in (0, 1)")
+        _require(
+            p + "clip_eps_low",
+            self.clip_eps_low,
+            self.clip_eps_low is None or 0 < self.clip_eps_low < 1,
+            "null or a number in (0, 1)",
+        )
         _require(
             p + "clip_eps_high",
             self.clip_eps_high,
@@ -232,6 +270,13 @@ class AlgorithmConfig:
             self.reward_clip is None or self.reward_clip > 0,
             "null or a number > 0",
         )
+        _require(p + "overlong_buffer", self.overlong_buffer, self.overlong_buffer >= 0, "an integer >= 0")
+        _require(p + "overlong_penalty", self.overlong_penalty, self.overlong_penalty >= 0, "a number >= 0")
+        if self.policy_loss == "gspo" and self.dual_clip is not None:
+            raise ConfigError(
+                f"{p}dual_clip={self.dual_clip}: {p}policy_loss='gspo' clips whole sequences and has no dual "
+                f"clip; set {p}dual_clip=null, or use {p}policy_loss=ppo"
+            )
         _require(p + "ppo_epochs", self.ppo_epochs, self.ppo_epochs >= 1, "an integer >= 1")
         _require(p + "mini_batch_size", self.mini_batch_size, self.mini_batch_size >= 1, "an integer >= 1")
         _require(p + "entropy_coef", self.entropy_coef, self.entropy_coef >= 0, "a number >= 0")
@@ -587,11 +632,20 @@ class RLHFConfig:
         while building."""
         _check_subsections(self, "")
         algo, rollout = self.algorithm, self.rollout
-        if algo.estimator in ("grpo", "rloo") and rollout.samples_per_prompt < 2:
+        from rlhf_ray.algorithms.registry import ESTIMATORS  # torch: only when checked
+
+        groups = algo.estimator in ESTIMATORS and ESTIMATORS[algo.estimator].needs_groups
+        if groups and rollout.samples_per_prompt < 2:
             raise ConfigError(
                 f"rollout.samples_per_prompt={rollout.samples_per_prompt}: estimator {algo.estimator!r} compares "
                 f"the samples of one prompt, so it needs at least 2 (set rollout.samples_per_prompt=4, "
                 f"or use algorithm.estimator=gae)"
+            )
+        if algo.overlong_buffer > rollout.max_new_tokens:
+            raise ConfigError(
+                f"algorithm.overlong_buffer={algo.overlong_buffer} is longer than rollout.max_new_tokens="
+                f"{rollout.max_new_tokens}: the penalty band ends at the generation limit; set it to "
+                f"{rollout.max_new_tokens // 4} or so"
             )
         batch = self.run.prompts_per_step * rollout.samples_per_prompt
         if algo.mini_batch_size > batch:

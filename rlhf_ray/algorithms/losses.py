@@ -1,4 +1,5 @@
-"""Training losses: PPO policy and value losses, the Bradley-Terry reward-model loss, DPO and SFT.
+"""Training losses: PPO and GSPO policy losses, value loss, the Bradley-Terry reward-model loss, DPO and
+SFT, and `aggregate_loss`, the one reduction of a per-token loss that every policy loss uses.
 
 Per-token tensors are `[B, T]`, right-padded, aligned with each other; `mask` is 1 on the tokens that
 count (response tokens) and 0 elsewhere. Stats dicts hold detached python floats.
@@ -6,6 +7,7 @@ count (response tokens) and 0 elsewhere. Stats dicts hold detached python floats
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import torch
@@ -15,7 +17,8 @@ from torch import Tensor
 from rlhf_ray.algorithms.kl import kl_estimate
 from rlhf_ray.algorithms.stats import logprobs_from_logits, masked_mean, masked_sum
 
-LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+LOSS_AGG_MODES: tuple[str, ...] = typing.get_args(LossAgg)
 
 # The PPO ratio exponentiates a log-ratio: clamped to [-20, 20] so one runaway token cannot make it inf.
 _LOG_RATIO_CLAMP = 20.0
@@ -28,8 +31,10 @@ def aggregate_loss(
 
     token-mean: masked mean over all tokens of the batch (long responses weigh more);
     seq-mean-token-mean: masked mean of each row, then mean over the rows that have any token;
-    seq-mean-token-sum: each row's masked sum divided by a constant, `max_len` or else T (the padded
-    length), then mean over all B rows (Dr. GRPO, Liu et al. 2025: no length normalisation bias).
+    seq-mean-token-sum-norm: each row's masked sum divided by a constant, `max_len` or else T (the padded
+    length), then mean over all B rows (Dr. GRPO, Liu et al. 2025: no length normalisation bias; pass
+    the generation limit as `max_len`, as the trainer does);
+    seq-mean-token-sum: the same (its name before the `-norm` one was added; kept for existing configs).
     Every mode gives 0, not NaN, when the mask selects nothing."""
     if agg == "token-mean":
         return masked_mean(per_token, mask)
@@ -37,12 +42,12 @@ def aggregate_loss(
         row_mean = masked_mean(per_token, mask, dim=1)
         has_tokens = (mask != 0).any(dim=1)
         return masked_mean(row_mean, has_tokens)
-    if agg == "seq-mean-token-sum":
+    if agg in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
         norm = per_token.shape[1] if max_len is None else max_len
         return (masked_sum(per_token, mask, dim=1) / norm).mean()
     raise ValueError(
-        f"loss aggregation agg={agg!r} is not one of 'token-mean', 'seq-mean-token-mean', "
-        f"'seq-mean-token-sum' (see algorithm.loss_agg)"
+        f"loss aggregation agg={agg!r} is not one of {', '.join(map(repr, LOSS_AGG_MODES))} "
+        f"(see algorithm.loss_agg)"
     )
 
 
@@ -92,6 +97,55 @@ def ppo_policy_loss(
             "ratio_mean": masked_mean(ratio, mask).item(),
             "ratio_max": ratio[valid].max().item() if bool(valid.any()) else 0.0,
             "ratio_min": ratio[valid].min().item() if bool(valid.any()) else 0.0,
+            "pg_loss": loss.item(),
+        }
+    return loss, stats
+
+
+def gspo_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float = 3e-4,
+    clip_eps_high: float | None = 4e-4,
+    dual_clip: float | None = None,
+    agg: LossAgg = "seq-mean-token-mean",
+    max_len: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Group sequence policy optimisation (Zheng et al. 2025, Qwen), as a loss to minimise: one importance
+    ratio per sequence, the geometric mean of its token ratios,
+    s_i = exp(mean over the response tokens of (logprobs - old_logprobs)),
+    loss_i = -min(s_i A_i, clip(s_i, 1 - eps, 1 + eps_high) A_i), clipped per sequence, not per token.
+    A_i is the mean of row i's token advantages (GRPO's are constant along a row). loss_i is put on every
+    response token of row i and reduced by `aggregate_loss`: `seq-mean-token-mean` (the default) is the
+    paper's mean over sequences. The paper clips far tighter than PPO (eps 3e-4, eps_high 4e-4), because a
+    sequence ratio moves less than a token's. No dual clip (`dual_clip` must be None).
+
+    Returns (loss, stats) with the keys of `ppo_policy_loss`; `clip_frac` and `ratio_*` count sequences."""
+    if dual_clip is not None:
+        raise ValueError(
+            f"dual_clip={dual_clip}: the GSPO loss has no dual clip (set algorithm.dual_clip=null, "
+            f"or use algorithm.policy_loss=ppo)"
+        )
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    seq_log_ratio = masked_mean(logprobs - old_logprobs, mask, dim=1)
+    ratio = torch.exp(seq_log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))  # [B]
+    seq_adv = masked_mean(advantages, mask, dim=1)
+    unclipped = -seq_adv * ratio
+    clipped = -seq_adv * ratio.clamp(1.0 - clip_eps, 1.0 + eps_high)
+    per_seq = torch.maximum(unclipped, clipped)
+    loss = aggregate_loss(per_seq[:, None].expand(logprobs.shape), mask, agg, max_len)
+
+    with torch.no_grad():
+        rows = (mask != 0).any(dim=1)
+        stats = {
+            "clip_frac": masked_mean((clipped > unclipped).float(), rows).item(),
+            "dual_clip_frac": 0.0,
+            "approx_kl": masked_mean(kl_estimate(old_logprobs, logprobs, "k3"), mask).item(),
+            "ratio_mean": masked_mean(ratio, rows).item(),
+            "ratio_max": ratio[rows].max().item() if bool(rows.any()) else 0.0,
+            "ratio_min": ratio[rows].min().item() if bool(rows.any()) else 0.0,
             "pg_loss": loss.item(),
         }
     return loss, stats
