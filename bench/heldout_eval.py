@@ -35,7 +35,9 @@ def score_model(
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     texts = [
-        tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)
+        tok.apply_chat_template(
+            [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
         for r in records
     ]
 
@@ -68,14 +70,17 @@ def score_model(
         "greedy_by_kind": {k: accuracy(greedy, k) for k in kinds},
         "greedy_mean_words": sum(len(s.split()) for s in greedy) / len(greedy),
         "examples": [
-            {"prompt": r["prompt"], "answer": r["answer"], "response": s} for r, s in list(zip(records, greedy))[:4]
+            {"prompt": r["prompt"], "answer": r["answer"], "response": s}
+            for r, s in list(zip(records, greedy))[:4]
         ],
     }
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", required=True, help="saved policy directories (transformers format)")
+    p.add_argument(
+        "--models", nargs="+", required=True, help="saved policy directories (transformers format)"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--prompts", type=int, default=100, help="the first N held-out problems")
     p.add_argument("--samples", type=int, default=2, help="sampled answers per problem")

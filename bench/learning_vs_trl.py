@@ -201,9 +201,17 @@ def plot(summary: dict[str, Any], runs: list[dict[str, Any]]) -> None:
     for r in runs:
         y = r["reward"]
         k = 5  # a running mean over 5 steps: one step's 16 samples are noisy
-        smooth = [sum(y[max(0, i - k + 1) : i + 1]) / len(y[max(0, i - k + 1) : i + 1]) for i in range(len(y))]
+        smooth = [
+            sum(y[max(0, i - k + 1) : i + 1]) / len(y[max(0, i - k + 1) : i + 1]) for i in range(len(y))
+        ]
         ax.plot(range(1, len(y) + 1), y, color=colours[r["side"]], alpha=0.18, lw=0.8)
-        ax.plot(range(1, len(y) + 1), smooth, color=colours[r["side"]], lw=1.6, label=f"{r['side']} seed {r['seed']}")
+        ax.plot(
+            range(1, len(y) + 1),
+            smooth,
+            color=colours[r["side"]],
+            lw=1.6,
+            label=f"{r['side']} seed {r['seed']}",
+        )
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("training reward (mean per step; 5-step running mean)")
     ax.set_title("GRPO on SmolLM2-135M-Instruct, arithmetic problems")
@@ -242,7 +250,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--eval-prompts", type=int, default=100)
     p.add_argument("--eval-samples", type=int, default=2)
-    p.add_argument("--summarise-only", action="store_true", help="no new runs: summary and plot from kept runs")
+    p.add_argument(
+        "--summarise-only", action="store_true", help="no new runs: summary and plot from kept runs"
+    )
     args = p.parse_args(argv)
     s = settings(args)
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -275,7 +285,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary["commands"] = {"ours": "python -m bench.learning_vs_trl --sides ours", "trl": "--sides trl"}
     write_result("learning_vs_trl", summary)
     plot(summary, runs)
-    print(json.dumps({k: summary[k] for k in ("base", "verdict")} | {"sides": summary["sides"]}, indent=1)[:3000])
+    print(
+        json.dumps({k: summary[k] for k in ("base", "verdict")} | {"sides": summary["sides"]}, indent=1)[
+            :3000
+        ]
+    )
     return summary
 
 

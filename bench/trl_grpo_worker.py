@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--save", default=None, help="directory to save the trained policy to (transformers format)")
+    p.add_argument(
+        "--save", default=None, help="directory to save the trained policy to (transformers format)"
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 

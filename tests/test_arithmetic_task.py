@@ -12,7 +12,12 @@ import pytest
 
 from jobs.arithmetic_task import EVAL_FILE, INSTRUCTION, KINDS, TRAIN_FILE, main, make_problems
 from rlhf_ray.config import RLHFConfig
-from rlhf_ray.rewards_builtin import arithmetic_reward, arithmetic_score, final_number
+from rlhf_ray.rewards_builtin import (
+    arithmetic_partial_score,
+    arithmetic_reward,
+    arithmetic_score,
+    final_number,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "jobs" / "data"
@@ -105,6 +110,28 @@ def test_arithmetic_reward_on_the_shipped_data():
     assert arithmetic_reward(prompts, wrong, answer=answers) == [0.0] * 20
     with pytest.raises(ValueError):
         arithmetic_reward(prompts, right, answer=answers[:3])
+
+
+def test_arithmetic_partial_score_hand_cases():
+    assert arithmetic_partial_score("6 * 3 = 18", 18) == 1.0  # ends on the answer: full credit
+    assert arithmetic_partial_score("6 bags * 3 apples = 18 apples in 6 bags", 18) == 0.5  # said, then more
+    assert arithmetic_partial_score("It drops to -4, not 4", 4) == 1.0
+    assert arithmetic_partial_score("It drops to -4 degrees.", 4) == 0.0  # -4 is not 4
+    assert arithmetic_partial_score("1,500 stickers, 3 boxes", 1500) == 0.5
+    assert arithmetic_partial_score("17 and 19", 18) == 0.0
+    assert arithmetic_partial_score("", 0) == 0.0
+
+
+def test_the_trl_workers_reward_gets_the_records_answer():
+    """bench/trl_grpo_worker.py adapts our rule function to TRL's calling convention: chat messages in,
+    the dataset's columns as keyword arguments; only the fields the function names are forwarded."""
+    from bench.trl_grpo_worker import load_reward
+
+    reward = load_reward("rlhf_ray.rewards_builtin:arithmetic_partial_reward", chat=True)
+    prompts = [[{"role": "user", "content": "2 + 3?"}]] * 3
+    completions = [[{"role": "assistant", "content": c}] for c in ("5", "5 apples, 2 bags", "6")]
+    got = reward(prompts, completions, answer=[5, 5, 5], kind=["add"] * 3, trainer_state=None)
+    assert got == [1.0, 0.5, 0.0]
 
 
 # ---- the config ------------------------------------------------------------------------------------------
