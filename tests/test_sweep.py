@@ -1,10 +1,13 @@
-"""Ray Tune sweeps over kl_coef and lr (`rlhf_ray.tune`, `rlhf_ray.trainer.sweep`, `jobs.sweep`).
+"""Ray Tune sweeps over RL config keys (`rlhf_ray.tune`, `rlhf_ray.trainer.sweep`, `jobs.sweep`).
 
-Fast: the sweep settings' validation, the results table and its reward/KL front, the CLI parsing.
-Slow: a real 4-trial grid sweep on the tiny model (each trial an RL run with its own actors inside its
-trial's placement group, two trials at a time, ASHA on), then the same call again, which restores the
-finished experiment instead of running anything; a 2-trial sweep interrupted (Ctrl-C) while its second
-trial runs, then resumed: the finished trial is not run again, the other goes on from its checkpoint.
+Fast: the sweep settings' validation, the searched keys (`params`, `--param`, the kl_coef/lr shorthands)
+checked against the RL config schema, the default ranking metric and what ASHA compares, the results
+table and its reward/KL front, the CLI parsing.
+Slow: a real 4-trial grid sweep on the tiny model over rollout.temperature and trainer.lr, ranked by the
+held-out eval/gold (each trial an RL run with its own actors inside its trial's placement group, two
+trials at a time, ASHA on reward/mean), then the same call again, which restores the finished experiment
+instead of running anything; a 2-trial sweep interrupted (Ctrl-C) while its second trial runs, then
+resumed: the finished trial is not run again, the other goes on from its checkpoint.
 """
 
 from __future__ import annotations
@@ -28,23 +31,37 @@ from rlhf_ray.config import ConfigError, RLHFConfig
 from rlhf_ray.data.synthetic import write_task
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.tune import (
+    Param,
     SweepConfig,
     best_row,
+    check_params,
     format_table,
     load_sweep_config,
+    missing_metric_error,
     pareto_front,
+    parse_param,
+    parse_param_flag,
+    ranking,
     summarise_trial,
+    sweep_params,
+    write_results,
 )
 
 # ---- fast ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(60)
 def test_sweep_config_from_file_and_flags(tmp_path):
     f = tmp_path / "s.yaml"
     f.write_text("search: random\nkl_coef: [0.001, 0.1]\nlr: [1.0e-4, 1.0e-2]\nnum_samples: 6\n")
     s = load_sweep_config(f, max_concurrent_trials=2, metric=None)
     assert (s.search, s.kl_coef, s.num_samples, s.max_concurrent_trials) == ("random", [0.001, 0.1], 6, 2)
-    assert s.metric == "reward/mean"  # None flags leave the file/default alone
+    assert s.metric is None  # None flags leave the file/default alone (None: chosen from the RL config)
+    # the shorthands under search random: log-uniform in [low, high], as before `params` existed
+    assert sweep_params(s) == [
+        Param("algorithm.kl_coef", "loguniform", (0.001, 0.1)),
+        Param("trainer.lr", "loguniform", (1e-4, 1e-2)),
+    ]
     with pytest.raises(ConfigError, match=r"two values 0 < low < high"):
         load_sweep_config(f, kl_coef=[0.1, 0.01])
     with pytest.raises(ConfigError, match="unknown sweep key 'kl'"):
@@ -55,6 +72,7 @@ def test_sweep_config_from_file_and_flags(tmp_path):
         load_sweep_config(None, num_samples="four")
 
 
+@pytest.mark.timeout(60)
 def test_cli_routes_flags_and_overrides():
     _, cfg, sweep = parse(
         [
@@ -71,28 +89,158 @@ def test_cli_routes_flags_and_overrides():
         ]
     )
     assert sweep.kl_coef == [0.02, 0.2] and sweep.max_concurrent_trials == 1
-    assert sweep.lr == [5e-4, 2e-3]  # from the sweep file
+    # --kl-coef replaced the file's params algorithm.kl_coef; trainer.lr is the file's
+    assert {p.key: p.values for p in sweep_params(sweep)} == {
+        "trainer.lr": (5e-4, 2e-3),
+        "algorithm.kl_coef": (0.02, 0.2),
+    }
     assert cfg.run.total_steps == 7  # the CLI override wins over the sweep file's run.total_steps=20
     assert cfg.checkpoint.interval == 10  # the sweep file's override of the RL config
+    # tiny_ppo evaluates with a gold function: ranked by eval/gold, which ASHA can compare as well since
+    # the sweep file evaluates every 5 steps, by the first rung
+    rank = ranking(cfg, sweep)
+    assert (rank.metric, rank.mode, rank.asha_metric) == ("eval/gold", "max", "eval/gold")
+
+    # --param: any key, merged into the file's params; values typed by the RL config
+    _, cfg, sweep = parse(
+        [
+            *("--config", "jobs/configs/tiny_ppo.yaml", "--sweep", "jobs/configs/tiny_sweep.yaml"),
+            *("--param", "algorithm.clip_eps=0.1,0.2", "--param", "trainer.lr=loguniform:1e-4,3e-3"),
+            *("--metric", "kl", "--mode", "min"),
+        ]
+    )
+    assert check_params(cfg, sweep_params(sweep)) == [
+        Param("algorithm.kl_coef", "grid", (0.01, 0.3)),
+        Param("trainer.lr", "loguniform", (1e-4, 3e-3)),
+        Param("algorithm.clip_eps", "grid", (0.1, 0.2)),
+    ]
+    assert (ranking(cfg, sweep).metric, ranking(cfg, sweep).asha_mode) == ("kl", "min")
+    base = ["--config", "jobs/configs/tiny_ppo.yaml"]
+    with pytest.raises(
+        SystemExit, match=r"unknown RL config key 'algorithm.clip': did you mean 'algorithm.clip_eps'"
+    ):
+        parse([*base, "--param", "algorithm.clip=0.1,0.2"])
+    with pytest.raises(SystemExit, match=r"algorithm.clip_eps: the value 1.5 is not valid"):
+        parse([*base, "--param", "algorithm.clip_eps=0.1,1.5"])
+
+
+@pytest.mark.timeout(60)
+def test_params_specs_and_their_errors():
+    assert parse_param("rollout.temperature", {"choice": [0.7, 1.0]}) == Param(
+        "rollout.temperature", "choice", (0.7, 1.0)
+    )
+    assert parse_param("rollout.temperature", [0.7, 1.0], "random").kind == "choice"  # a plain list
+    assert parse_param("rollout.temperature", [0.7, 1.0], "grid").kind == "grid"
+    assert parse_param_flag("algorithm.clip_eps=0.1,0.2") == {"algorithm.clip_eps": [0.1, 0.2]}
+    assert parse_param_flag("trainer.lr=loguniform:1e-4,3e-3") == {"trainer.lr": {"loguniform": [1e-4, 3e-3]}}
+    assert parse_param_flag("rollout.engine=choice:hf,vllm") == {"rollout.engine": {"choice": ["hf", "vllm"]}}
+    # a value with a colon is a value, not a kind
+    assert parse_param_flag("run.eval_function=a.b:gold") == {"run.eval_function": ["a.b:gold"]}
+    for key, spec, message in [
+        (
+            "algorithm.kl_coeff",
+            [0.1],
+            r"unknown RL config key 'algorithm.kl_coeff': did you mean 'algorithm.kl_coef'",
+        ),
+        ("kl_coef", [0.1], r"unknown RL config key 'kl_coef'"),
+        ("run.output_dir", ["a", "b"], r"run.output_dir is set by the sweep for each trial"),
+        ("trainer.lr", {"normal": [0, 1]}, r"give one of grid, choice, uniform, loguniform"),
+        ("trainer.lr", {"uniform": [1e-3]}, r"uniform \[0.001\]: give two numbers low < high"),
+        ("trainer.lr", {"loguniform": [0.0, 1e-3]}, r"the low end must be > 0"),
+        ("trainer.lr", [], r"give at least one value"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_param(key, spec)
+    with pytest.raises(ConfigError, match=r"--param 'trainer.lr': expected KEY=SPEC"):
+        parse_param_flag("trainer.lr")
+    with pytest.raises(ConfigError, match=r"unknown kind 'logunif'"):
+        parse_param_flag("trainer.lr=logunif:1e-4,1e-3")
+    # a key searched twice, by its shorthand and in params
+    with pytest.raises(ConfigError, match=r"sweep kl_coef=\[0.1\] and params algorithm.kl_coef: both search"):
+        load_sweep_config(None, kl_coef=[0.1], params={"algorithm.kl_coef": [0.2]})
+    with pytest.raises(ConfigError, match=r"unknown RL config key 'rollout.temp'"):
+        load_sweep_config(None, params={"rollout.temp": [0.5]})
+    with pytest.raises(ConfigError, match=r"sweep params=\[1\]: expected a mapping"):
+        load_sweep_config(None, params=[1])
+    # nothing given: the small default grid over the two shorthands' keys
+    assert [p.key for p in sweep_params(SweepConfig())] == ["algorithm.kl_coef", "trainer.lr"]
+
+
+@pytest.mark.timeout(60)
+def test_params_checked_against_the_rl_config():
+    cfg = RLHFConfig.from_yaml("jobs/configs/tiny_ppo.yaml", ["algorithm.mini_batch_size=16"])
+    got = check_params(
+        cfg, [parse_param("trainer.lr", ["1e-4", 3e-4]), parse_param("trainer.zero_stage", [2, 3])]
+    )
+    assert got == [Param("trainer.lr", "grid", (1e-4, 3e-4)), Param("trainer.zero_stage", "grid", (2, 3))]
+    assert isinstance(got[0].values[0], float)  # `1e-4` as YAML 1.1 reads it (a string), typed by the schema
+    with pytest.raises(ConfigError, match=r"sweep params trainer.zero_stage: the value 4 is not valid"):
+        check_params(cfg, [parse_param("trainer.zero_stage", [2, 4])])
+    with pytest.raises(ConfigError, match=r"uniform draws real numbers, but trainer.micro_batch_size is int"):
+        check_params(cfg, [parse_param("trainer.micro_batch_size", {"uniform": [4, 16]})])
+    # each value is valid alone (batch 8 x 4 = 32 >= 32; 4 x 4 = 16 >= 16), one combination is not
+    with pytest.raises(
+        ConfigError,
+        match=r"the trial with algorithm.mini_batch_size=32, run.prompts_per_step=4 is not a valid run",
+    ):
+        check_params(
+            cfg,
+            [parse_param("algorithm.mini_batch_size", [16, 32]), parse_param("run.prompts_per_step", [8, 4])],
+        )
+
+
+@pytest.mark.timeout(60)
+def test_default_metric_and_what_asha_compares():
+    gold = RLHFConfig.from_yaml("jobs/configs/tiny_ppo.yaml")  # data.eval_path, eval_prompts, eval_function
+    sweep = SweepConfig(grace_period=2)
+
+    def rank(cfg_overrides, **kw):
+        r = ranking(gold.with_overrides(cfg_overrides), dataclasses.replace(sweep, **kw))
+        return r.metric, r.mode, r.asha_metric, r.asha_mode
+
+    # evaluations only at the start and the end: ASHA compares the training reward, the ranking the gold
+    assert rank([]) == ("eval/gold", "max", "reward/mean", "max")
+    assert "run.eval_interval <= 2 for ASHA on eval/gold" in ranking(gold, sweep).asha_why
+    assert rank(["run.eval_interval=2"]) == ("eval/gold", "max", "eval/gold", "max")  # by the first rung
+    assert rank(["run.eval_interval=3"])[2] == "reward/mean"  # too late for the rung at step 2
+    assert rank(["run.eval_function=null"])[0] == "eval/reward"
+    assert rank(["run.eval_prompts=0"])[:3] == ("reward/mean", "max", "reward/mean")
+    assert rank(["data.eval_path=null"])[0] == "reward/mean"
+    assert rank([], metric="kl", mode="min") == ("kl", "min", "kl", "min")
+    assert rank([], asha=False)[2] is None
+    described = ranking(gold, sweep).describe()
+    assert (
+        described.startswith("ranked by eval/gold (max; the default")
+        and "ASHA compares reward/mean" in described
+    )
+    error = missing_metric_error("eval/golf", ["reward/mean", "kl", "eval/gold"])
+    assert str(error).startswith(
+        "sweep metric 'eval/golf' is not among the metrics a trial reports: eval/gold, kl, reward/mean"
+    )
 
 
 def _row(trial, kl_coef, lr, reward, kl, error=False, steps=4):
     return {
         "trial": trial,
-        "kl_coef": kl_coef,
-        "lr": lr,
+        "algorithm.kl_coef": kl_coef,
+        "trainer.lr": lr,
         "steps": steps,
         "status": "completed",
         "reward": reward,
         "kl": kl,
         "gold": 0.5,
         "metric": reward,
+        "metric_step": steps,
         "output_dir": "",
         "error": error,
         "finished": True,
     }
 
 
+KEYS = ["algorithm.kl_coef", "trainer.lr"]
+
+
+@pytest.mark.timeout(60)
 def test_front_and_best():
     rows = [
         _row("a", 0.01, 1e-3, 0.8, 0.9),  # most reward, most KL: on the front
@@ -103,11 +251,65 @@ def test_front_and_best():
     assert pareto_front(rows) == {0, 1}
     assert best_row(rows, "reward/mean", "max")["trial"] == "a"
     assert best_row(rows, "reward/mean", "min")["trial"] == "c"
-    table = format_table(rows, "reward/mean", 3)
-    assert table.splitlines()[0].startswith("| trial | kl_coef | lr | steps | reward (last 3) | kl (last 3)")
+    table = format_table(rows, KEYS, "reward/mean", 3)
+    assert table.splitlines()[0] == (
+        "| trial | algorithm.kl_coef | trainer.lr | steps | reward (last 3) | kl (last 3) | eval gold "
+        "| rank: reward/mean (last 3) | front | status |"
+    )
     assert [line.split(" | ")[-2] for line in table.splitlines()[2:]] == ["*", "*", "", ""]
 
 
+@pytest.mark.timeout(60)
+def test_ranked_by_the_last_evaluation(tmp_path):
+    """An eval metric ranks by each trial's last evaluation (not a mean of carried values); a trial whose
+    last evaluation is the shared step-0 one (ASHA stopped it first) does not compete."""
+    reports = [  # eval at step 0 (carried to steps 1-2), then at step 3
+        {"step": 1, "reward/mean": 0.9, "kl": 0.1, "eval/gold": 0.1, "eval/step": 0},
+        {"step": 2, "reward/mean": 0.9, "kl": 0.1, "eval/gold": 0.1, "eval/step": 0},
+        {"step": 3, "reward/mean": 0.9, "kl": 0.1, "eval/gold": 0.4, "eval/step": 3},
+    ]
+    kw = {"total_steps": 3, "metric": "eval/gold", "window": 3}
+    config = {"rollout.temperature": 0.7, "lr": 1e-3}  # `lr`: a trial of a sweep from before `params`
+    done = summarise_trial(config, reports, None, tune_status="TERMINATED", trial_id="a", **kw)
+    assert (done["metric"], done["metric_step"], done["trainer.lr"]) == (0.4, 3, 1e-3)
+    stopped = summarise_trial(
+        {"rollout.temperature": 1.0, "lr": 1e-3},
+        reports[:2],
+        None,
+        tune_status="TERMINATED",
+        trial_id="b",
+        **kw,
+    )
+    assert (stopped["metric"], stopped["metric_step"], stopped["status"]) == (0.1, 0, "stopped early (ASHA)")
+    assert best_row([done, stopped], "eval/gold", "min")["trial"] == "a"  # b's 0.1 is the initial policy's
+    keys = ["rollout.temperature", "trainer.lr"]
+    table = format_table([done, stopped], keys, "eval/gold", 3)
+    assert "| rank: eval/gold (last evaluation @ step) |" in table and "| 0.4000 @ 3 |" in table
+
+    cfg = RLHFConfig.from_yaml("jobs/configs/tiny_ppo.yaml")
+    sweep = SweepConfig(name="s", params={"rollout.temperature": [0.7, 1.0]}, lr=[1e-3])
+    params, rank = check_params(cfg, sweep_params(sweep)), ranking(cfg, sweep)
+    best_cfg = cfg.with_overrides(["rollout.temperature=0.7", "trainer.lr=1e-3"])
+    text, paths = write_results(tmp_path, [done, stopped], done, best_cfg, sweep, params, rank)
+    assert text.startswith(
+        "searched: rollout.temperature grid [0.7, 1.0]; trainer.lr grid [0.001] (x1 samples)\n"
+    )
+    assert "ranked by eval/gold (max; the default" in text
+    assert (
+        "best by eval/gold (max, its last evaluation): trial a rollout.temperature=0.7 trainer.lr=0.001"
+        in text
+    )
+    saved = json.loads(Path(paths["results_json"]).read_text())
+    assert saved["ranking"]["metric"] == "eval/gold" and saved["best"]["trial"] == "a"
+    assert [p["key"] for p in saved["params"]] == keys
+    header = Path(paths["best_config"]).read_text()
+    assert (
+        "#   rollout.temperature: 0.7\n#   trainer.lr: 0.001\n" in header and "ranked by eval/gold" in header
+    )
+    assert RLHFConfig.from_yaml(paths["best_config"]).rollout.temperature == 0.7
+
+
+@pytest.mark.timeout(60)
 def test_summarise_trial_statuses_and_resumed_steps():
     reports = [  # steps 1-3, then a resume from the step-2 checkpoint reported steps 3-4 again
         {"step": 1, "reward/mean": 0.1, "kl": 0.0},
@@ -119,6 +321,7 @@ def test_summarise_trial_statuses_and_resumed_steps():
     kw = {"total_steps": 4, "metric": "reward/mean", "window": 2, "trial_id": "t1"}
     row = summarise_trial({"kl_coef": 0.1, "lr": 1e-3}, reports, None, tune_status="TERMINATED", **kw)
     assert (row["steps"], row["status"], row["gold"]) == (4, "completed", 0.6)
+    assert (row["algorithm.kl_coef"], row["trainer.lr"]) == (0.1, 1e-3)  # the shorthands' keys
     assert row["reward"] == pytest.approx(0.35) and row["kl"] == pytest.approx(0.25)  # the newest step 3
     stopped = summarise_trial({"kl_coef": 0.1, "lr": 1e-3}, reports[:2], None, tune_status="TERMINATED", **kw)
     assert stopped["status"] == "stopped early (ASHA)" and stopped["finished"]
@@ -173,6 +376,7 @@ def sweep_rl_config(model_dir, task) -> RLHFConfig:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_refuses_what_cannot_run(ray_local, tiny_model_dir, task, tmp_path):
     """Before any trial starts: a trial larger than the cluster, an eval metric without evaluations."""
     from rlhf_ray.trainer.sweep import run_sweep

@@ -1,12 +1,13 @@
-"""Ray Tune sweeps over the KL coefficient and the learning rate: each trial is a full RL run
+"""Ray Tune sweeps over any RL config keys (`rlhf_ray.tune.Param`): each trial is a full RL run
 (`PPOTrainer`) whose actors live inside the trial's own placement group, reporting every step to Tune;
 ASHA stops the weak trials early; an interrupted sweep resumes with `Tuner.restore` (and each trial from
-its own newest checkpoint); the end is a results table of the reward/KL trade-off and the best config.
+its own newest checkpoint); the end is a results table (the searched values, the reward/KL trade-off, the
+ranking metric: by default a held-out evaluation, `rlhf_ray.tune.ranking`) and the best config.
 
 Layout of `sweep.output_dir`:
     tune/<name>/        Tune's experiment state (what `Tuner.restore` reads)
     trials/<trial_id>/  each trial's run.output_dir: metrics.jsonl, checkpoints/, policy/, curves.png
-    results.md, results.csv, best_config.yaml
+    results.md, results.csv, results.json, best_config.yaml
 """
 
 from __future__ import annotations
@@ -25,7 +26,23 @@ from actors.placement import layout
 from rlhf_ray.config import ConfigError, RLHFConfig
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.trainer.ppo import PPOTrainer
-from rlhf_ray.tune import SweepConfig, best_row, summarise_trial, write_results
+from rlhf_ray.tune import (
+    MISSING_MARK,
+    Param,
+    Ranking,
+    SweepConfig,
+    best_row,
+    check_params,
+    expected_trials,
+    is_eval_metric,
+    missing_metric_error,
+    ranking,
+    sort_rows,
+    summarise_trial,
+    sweep_params,
+    trial_params,
+    write_results,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +63,32 @@ def trial_resources(cfg: RLHFConfig, driver_cpus: float = 1.0) -> tune.Placement
     return tune.PlacementGroupFactory([{"CPU": driver_cpus}, *bundles], strategy=cfg.placement.strategy)
 
 
-def search_space(sweep: SweepConfig) -> dict[str, Any]:
-    """grid: every (kl_coef, lr) pair (`num_samples` times); random: log-uniform in [low, high]."""
-    if sweep.search == "grid":
-        return {"kl_coef": tune.grid_search(sweep.kl_coef), "lr": tune.grid_search(sweep.lr)}
-    return {"kl_coef": tune.loguniform(*sweep.kl_coef), "lr": tune.loguniform(*sweep.lr)}
+def search_space(params: list[Param]) -> dict[str, Any]:
+    """Tune's param space, one entry per searched key (its dotted name): every grid value (crossed with the
+    other grids, `num_samples` times), or one value per trial drawn by choice / uniform / loguniform."""
+    make = {
+        "grid": lambda v: tune.grid_search(list(v)),
+        "choice": lambda v: tune.choice(list(v)),
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+    }
+    return {p.key: make[p.kind](p.values) for p in params}
 
 
 def with_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the config dict `base` with a trial's `kl_coef` and `lr`."""
+    """A copy of the config dict `base` with a trial's searched values (`section.key: value`)."""
     d = copy.deepcopy(base)
-    d.setdefault("algorithm", {})["kl_coef"] = float(params["kl_coef"])
-    d.setdefault("trainer", {})["lr"] = float(params["lr"])
+    for key, value in trial_params(params).items():
+        *path, last = key.split(".")
+        node = d
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value.item() if hasattr(value, "item") else value  # numpy scalars of Tune's samplers
     return d
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], out_dir: Path) -> RLHFConfig:
-    """The base config with the trial's kl_coef and lr, writing everything under `out_dir`."""
+    """The base config with the trial's searched values, writing everything under `out_dir`."""
     d = with_params(base, params)
     d.setdefault("run", {})["output_dir"] = str(out_dir)
     d.setdefault("checkpoint", {})["dir"] = None  # <out_dir>/checkpoints: trials must not share one
@@ -81,9 +107,13 @@ def absolute_paths(cfg: RLHFConfig) -> RLHFConfig:
     return RLHFConfig.from_dict(d)
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> None:
-    """One Tune trial: an RL run reporting each step's numeric metrics (plus the last evaluation, carried
-    forward so every report holds the ASHA metric). Runs in the trial's placement group."""
+def run_trial(
+    params: dict[str, Any], base: dict[str, Any], trials_dir: str, required: tuple[str, ...] = ()
+) -> None:
+    """One Tune trial: an RL run reporting each step's numeric metrics, plus the last evaluation carried
+    forward with its step (`eval/step`), so every report holds an eval metric ASHA may compare and the
+    ranking knows how fresh it is. Its first report must hold each metric of `required` (the ranking's
+    and ASHA's), else the trial fails with the names it does report. Runs in the trial's placement group."""
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, Path(trials_dir) / trial_id)
     carried: dict[str, float] = {}
@@ -93,8 +123,14 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> 
         if not reported:  # the step-0 evaluation (or the last one before a resume) is only in the log
             carried.update(last_evaluation(Path(cfg.run.output_dir) / "metrics.jsonl"))
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        carried.update({k: v for k, v in numbers.items() if k.startswith("eval/")})
-        tune.report({**numbers, **carried, "step": step, "output_dir": str(cfg.run.output_dir)})
+        evaluated = {k: v for k, v in numbers.items() if is_eval_metric(k)}
+        if evaluated:
+            carried.update(evaluated | {"eval/step": float(step)})
+        report = {**numbers, **carried, "step": step}
+        missing = [m for m in required if m not in report]
+        if missing:  # before Tune sees it: Tune's own check would end the whole sweep with less to go on
+            raise missing_metric_error(missing[0], list(report))
+        tune.report({**report, "output_dir": str(cfg.run.output_dir)})
         reported.append(step)
 
     trainer = PPOTrainer(cfg)
@@ -117,22 +153,30 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> 
 
 
 def last_evaluation(metrics_file: Path) -> dict[str, float]:
-    """The newest value of every `eval/*` metric in a run's metrics.jsonl (empty when there is none)."""
+    """The newest value of every `eval/*` metric in a run's metrics.jsonl, and the step of the newest
+    evaluation as `eval/step` (empty when there is none)."""
     found: dict[str, float] = {}
     if metrics_file.is_file():
         for row in read_metrics(metrics_file):
-            found.update(
-                {k: float(v) for k, v in row.items() if k.startswith("eval/") and isinstance(v, int | float)}
-            )
+            evaluated = {
+                k: float(v) for k, v in row.items() if is_eval_metric(k) and isinstance(v, int | float)
+            }
+            if evaluated:
+                found.update(evaluated | {"eval/step": float(row.get("step", 0))})
     return found
 
 
-def make_tuner(cfg: RLHFConfig, sweep: SweepConfig) -> tuple[tune.Tuner, bool]:
+def make_tuner(
+    cfg: RLHFConfig, sweep: SweepConfig, params: list[Param], rank: Ranking
+) -> tuple[tune.Tuner, bool]:
     """A new Tuner, or the interrupted experiment restored (unfinished and errored trials go on)."""
     out = Path(sweep.output_dir).resolve()
     storage, exp = out / "tune", out / "tune" / sweep.name
+    required = tuple(dict.fromkeys(m for m in (rank.metric, rank.asha_metric) if m))
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg.to_dict(), trials_dir=str(out / "trials")),
+        tune.with_parameters(
+            run_trial, base=cfg.to_dict(), trials_dir=str(out / "trials"), required=required
+        ),
         trial_resources(cfg, sweep.trial_cpus),
     )
     if sweep.resume and tune.Tuner.can_restore(str(exp)):
@@ -146,18 +190,21 @@ def make_tuner(cfg: RLHFConfig, sweep: SweepConfig) -> tuple[tune.Tuner, bool]:
     if sweep.asha:
         # max_t one past the last step: a trial that gets there finishes itself (saving its policy) rather
         # than being stopped by the scheduler at its final report.
+        # ASHA compares rank.asha_metric: the ranking metric, or reward/mean when that is an evaluation
+        # too rare for the rungs (`rlhf_ray.tune.ranking` says why). Tune itself is given no metric: the
+        # ranking at the end is `best_row`'s, over the whole table.
         scheduler = tune.schedulers.ASHAScheduler(
             time_attr="step",
+            metric=rank.asha_metric,
+            mode=rank.asha_mode,
             max_t=cfg.run.total_steps + 1,
             grace_period=min(sweep.grace_period, max(cfg.run.total_steps, 1)),
             reduction_factor=sweep.reduction_factor,
         )
     tuner = tune.Tuner(
         trainable,
-        param_space=search_space(sweep),
+        param_space=search_space(params),
         tune_config=tune.TuneConfig(
-            metric=sweep.metric,
-            mode=sweep.mode,
             scheduler=scheduler,
             # the concurrency cap lives in the generator (TuneConfig.max_concurrent_trials ignores it)
             search_alg=tune.search.BasicVariantGenerator(
@@ -177,8 +224,10 @@ def make_tuner(cfg: RLHFConfig, sweep: SweepConfig) -> tuple[tune.Tuner, bool]:
 
 @dataclass
 class SweepResult:
-    rows: list[dict[str, Any]]  # one per trial, sorted by kl_coef then lr (see rlhf_ray.tune)
+    rows: list[dict[str, Any]]  # one per trial, sorted by its searched values (see rlhf_ray.tune)
     best: dict[str, Any] | None
+    params: list[Param]  # what was searched
+    ranking: Ranking  # what ranked the trials, and what ASHA compared
     table: str  # the markdown table printed at the end
     paths: dict[str, str] = field(default_factory=dict)  # results_md, results_csv, best_config, tune
     restored: bool = False  # resumed an earlier, interrupted run of the same sweep
@@ -191,8 +240,11 @@ def run_sweep(cfg: RLHFConfig, sweep: SweepConfig) -> SweepResult:
     if not ray.is_initialized():
         raise RuntimeError("run_sweep needs a Ray cluster: call ray.init() (jobs.sweep does) first")
     cfg = absolute_paths(cfg)
-    check_trial_fits(cfg, sweep)
-    tuner, restored = make_tuner(cfg, sweep)
+    params = check_params(cfg, sweep_params(sweep))
+    rank = ranking(cfg, sweep)
+    check_trial_fits(cfg, sweep, rank)
+    log.info("sweep %s: %s", sweep.name, rank.describe())
+    tuner, restored = make_tuner(cfg, sweep, params, rank)
     grid = tuner.fit()  # returns (does not raise) when interrupted: Ctrl-C, `ray job stop`
     out = Path(sweep.output_dir).resolve()
     exp = out / "tune" / sweep.name
@@ -200,6 +252,8 @@ def run_sweep(cfg: RLHFConfig, sweep: SweepConfig) -> SweepResult:
     rows = []
     for trial in tune.ExperimentAnalysis(str(exp)).trials:  # every trial Tune made, with its status
         result = results.get(Path(trial.path).name)
+        if result is not None and result.error is not None and MISSING_MARK in str(result.error):
+            raise ConfigError(_missing_metric_message(result.error))
         rows.append(
             summarise_trial(
                 trial.config,
@@ -207,31 +261,45 @@ def run_sweep(cfg: RLHFConfig, sweep: SweepConfig) -> SweepResult:
                 None if result is None else result.error,
                 tune_status=trial.status,
                 total_steps=cfg.run.total_steps,
-                metric=sweep.metric,
+                metric=rank.metric,
                 window=sweep.window,
                 trial_id=trial.trial_id,
             )
         )
-    rows.sort(key=lambda r: (r["kl_coef"], r["lr"]))
-    best = best_row(rows, sweep.metric, sweep.mode)
-    best_cfg = None if best is None else RLHFConfig.from_dict(with_params(cfg.to_dict(), best))
-    table, paths = write_results(out, rows, best, best_cfg, sweep)
+    keys = [p.key for p in params]
+    rows = sort_rows(rows, keys)
+    best = best_row(rows, rank.metric, rank.mode)
+    best_cfg = None
+    if best is not None:
+        best_cfg = RLHFConfig.from_dict(with_params(cfg.to_dict(), {k: best[k] for k in keys}))
+    table, paths = write_results(out, rows, best, best_cfg, sweep, params, rank)
     paths["tune"] = str(exp)
-    finished = len(rows) == expected_trials(sweep) and all(r["finished"] for r in rows)
-    return SweepResult(rows=rows, best=best, table=table, paths=paths, restored=restored, finished=finished)
+    finished = len(rows) == expected_trials(params, sweep.num_samples) and all(r["finished"] for r in rows)
+    return SweepResult(
+        rows=rows,
+        best=best,
+        params=params,
+        ranking=rank,
+        table=table,
+        paths=paths,
+        restored=restored,
+        finished=finished,
+    )
 
 
-def expected_trials(sweep: SweepConfig) -> int:
-    per_sample = len(sweep.kl_coef) * len(sweep.lr) if sweep.search == "grid" else 1
-    return per_sample * sweep.num_samples
+def _missing_metric_message(error: BaseException) -> str:
+    """The trial's `missing_metric_error` text out of the error Tune hands back (with Ray's traceback)."""
+    text = str(error)
+    line = next(line for line in text.splitlines() if MISSING_MARK in line)
+    return line[line.find("sweep metric") :] if "sweep metric" in line else line
 
 
-def check_trial_fits(cfg: RLHFConfig, sweep: SweepConfig) -> None:
+def check_trial_fits(cfg: RLHFConfig, sweep: SweepConfig, rank: Ranking) -> None:
     """One trial's bundles against the cluster's total: otherwise Tune would wait forever. An `eval/*`
-    metric needs evaluation data (Tune refuses reports that lack the metric)."""
-    if sweep.metric.startswith("eval/") and not (cfg.data.eval_path and cfg.run.eval_prompts):
+    metric needs evaluation data."""
+    if is_eval_metric(rank.metric) and not (cfg.data.eval_path and cfg.run.eval_prompts):
         raise ConfigError(
-            f"sweep metric={sweep.metric!r} comes from evaluations, but this run makes none: set "
+            f"sweep metric={rank.metric!r} comes from evaluations, but this run makes none: set "
             f"data.eval_path and run.eval_prompts > 0 (and run.eval_interval for more than one), or "
             f"use a per-step metric such as reward/mean"
         )
