@@ -48,7 +48,7 @@ from rlhf_ray.metrics import extreme
 if TYPE_CHECKING:
     from rlhf_ray.weight_transport import WeightBuckets
 
-LOSS_WEIGHT_KINDS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+LOSS_WEIGHT_KINDS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 # A micro-batch loss: (micro-batch on the device, its weight in the mini-batch loss) -> (weighted loss to
 # back-propagate, stats of the micro-batch as python floats)
@@ -64,7 +64,12 @@ class LossWeights:
         self._local, self._total, self._world, self._scale = local, total, world, scale
 
     def __call__(self, agg: str) -> float:
-        i = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2}[agg]
+        i = {
+            "token-mean": 0,
+            "seq-mean-token-mean": 1,
+            "seq-mean-token-sum": 2,
+            "seq-mean-token-sum-norm": 2,
+        }[agg]
         total = float(self._total[i])
         return 0.0 if total == 0 else self._scale * float(self._local[i]) * self._world / total
 

@@ -43,6 +43,7 @@ def experience(
     kl_coef: float,
     group_size: int,
     normalizer: RewardNormalizer | None,
+    max_len: int | None = None,
 ) -> tuple[Batch, dict[str, float], RewardNormalizer | None]:
     """The training batch, its stats and the updated normaliser from the roles' outputs."""
     batch = rollout.union(ref).union(scores)
@@ -51,7 +52,7 @@ def experience(
     mark_old_logprobs(batch, OldLogprobs.FROM_UPDATE if logprobs is None else OldLogprobs.SCORED)
     if values is not None:
         batch = batch.union(values)
-    batch, stats = make_experience(batch, algo, kl_coef, group_size, normalizer)
+    batch, stats = make_experience(batch, algo, kl_coef, group_size, normalizer, max_len)
     stats["tokens"] = float(batch["response_mask"].sum())
     return batch, stats, normalizer
 

@@ -34,6 +34,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.role_id import RoleId, RoleKind
+from rlhf_ray.algorithms import get_estimator
 from rlhf_ray.config import RLHFConfig, RoleResources
 
 
@@ -75,8 +76,8 @@ class RolePlan:
 
 
 def needs_critic(cfg: RLHFConfig) -> bool:
-    """Only the GAE estimator learns a value function; the critic-free ones start no critic."""
-    return cfg.algorithm.estimator == "gae"
+    """Only an estimator that learns a value function (GAE) gets a critic; the critic-free ones start none."""
+    return get_estimator(cfg.algorithm.estimator).needs_critic
 
 
 def role_options(

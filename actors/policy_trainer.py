@@ -1,7 +1,8 @@
 """The policy trainer: DeepSpeed ranks that score batches with the current policy (old log-probs) and
-optimise it with the clipped PPO objective, plus `PolicyTrainer`, the driver's handle on them.
+optimise it with the clipped PPO objective (or the policy loss `algorithm.policy_loss` names), plus
+`PolicyTrainer`, the driver's handle on them.
 
-The math is `rlhf_ray.algorithms` (ppo_policy_loss, kl_estimate, masked_mean) and
+The math is `rlhf_ray.algorithms` (the policy loss from its registry, kl_estimate, masked_mean) and
 `rlhf_ray.models.sequence_logprobs`; this file only puts it on ranks and batches.
 """
 
@@ -12,7 +13,7 @@ import torch
 
 from actors.deepspeed_rank import DeepSpeedRank, LossWeights
 from actors.worker_group import TrainerHandle, joined, wait_all
-from rlhf_ray.algorithms import kl_estimate, masked_mean, ppo_policy_loss
+from rlhf_ray.algorithms import get_policy_loss, kl_estimate, masked_mean, resolve_loss_agg
 from rlhf_ray.batch import Batch, RankShard
 from rlhf_ray.experience import OldLogprobs, old_logprobs_of
 from rlhf_ray.models import load_causal_lm, response_start, sequence_logprobs
@@ -50,6 +51,9 @@ class PolicyRank(DeepSpeedRank):
         kl_loss, grad_norm, lr (and the other diagnostics of `ppo_policy_loss`)."""
         algo = self.cfg.algorithm
         temperature = self.cfg.rollout.temperature
+        policy_loss = get_policy_loss(algo.policy_loss)
+        loss_agg = resolve_loss_agg(algo.loss_agg, algo.estimator, algo.policy_loss)
+        clip_eps_low = algo.clip_eps if algo.clip_eps_low is None else algo.clip_eps_low
         own = self.own_rows(batch)
         source = old_logprobs_of(own.stand_in)  # every row of a batch carries the same mark
         steps = self.optimiser_steps(own.total_rows)
@@ -74,18 +78,18 @@ class PolicyRank(DeepSpeedRank):
             )
             # FROM_UPDATE: one on-policy optimiser step (checked above), so old = current, detached
             old = part["logprobs"] if source is OldLogprobs.SCORED else logprobs.detach()
-            pg_loss, stats = ppo_policy_loss(
+            pg_loss, stats = policy_loss(
                 logprobs,
                 old,
                 part["advantages"],
                 mask,
-                clip_eps=algo.clip_eps,
+                clip_eps=clip_eps_low,
                 clip_eps_high=algo.clip_eps_high,
                 dual_clip=algo.dual_clip,
-                agg=algo.loss_agg,
-                max_len=self.cfg.rollout.max_new_tokens,  # seq-mean-token-sum: a constant, not the padded T
+                agg=loss_agg,
+                max_len=self.cfg.rollout.max_new_tokens,  # seq-mean-token-sum(-norm): a constant, not the padded T
             )
-            loss = weights(algo.loss_agg) * pg_loss
+            loss = weights(loss_agg) * pg_loss
             entropy_mean = masked_mean(entropy, mask)
             bonus = {}
             if algo.entropy_coef:  # the entropy bonus: minus entropy_coef * mean token entropy
@@ -96,7 +100,7 @@ class PolicyRank(DeepSpeedRank):
                 kl = masked_mean(kl_estimate(logprobs, part["ref_logprobs"], algo.kl_estimator), mask)
                 if algo.kl_in == "loss" and kl_coef:
                     loss = loss + kl_coef * weights("token-mean") * kl
-            stats = {"policy_loss": stats.pop("pg_loss"), **stats}
+            stats = {"policy_loss": stats.pop("pg_loss") if "pg_loss" in stats else pg_loss.item(), **stats}
             stats.update(entropy=entropy_mean.item(), kl_loss=kl.item(), **bonus)
             if (
                 source is OldLogprobs.FROM_UPDATE and "rollout_logprobs" in part

@@ -18,13 +18,12 @@ from enum import StrEnum
 import torch
 
 from rlhf_ray.algorithms import (
-    compute_gae,
-    compute_grpo_advantages,
-    compute_reinforce_pp_advantages,
-    compute_rloo_advantages,
+    AdvantageInputs,
+    get_estimator,
     kl_estimate,
     masked_mean,
     masked_whiten,
+    overlong_penalty,
     sequence_to_token_rewards,
 )
 from rlhf_ray.batch import Batch
@@ -110,13 +109,26 @@ def make_experience(
     kl_coef: float,
     group_size: int,
     normalizer: RewardNormalizer | None = None,
+    max_len: int | None = None,
 ) -> tuple[Batch, dict[str, float]]:
-    """Add `rewards`, `advantages` (and `returns` for GAE) to a batch holding `scores`, `ref_logprobs`,
-    the policy's `logprobs` (a `SCORED` batch, see `old_logprobs_of`) or only the sampler's
-    `rollout_logprobs` (`FROM_UPDATE`), and `values` for GAE. Returns the batch and step statistics."""
+    """Add `rewards`, `advantages` (and `returns` for an estimator with a critic, GAE) to a batch holding
+    `scores`, `ref_logprobs`, the policy's `logprobs` (a `SCORED` batch, see `old_logprobs_of`) or only the
+    sampler's `rollout_logprobs` (`FROM_UPDATE`), and `values` for GAE. `algo.estimator` picks the
+    estimator (`rlhf_ray.algorithms.registry`). `max_len` (rollout.max_new_tokens) is the generation
+    limit that `algo.overlong_buffer` counts back from. Returns the batch and step statistics."""
     mask = batch["response_mask"].float()
     scores = batch["scores"].float()
     raw_scores = scores.clone()
+    extra: dict[str, float] = {}
+    if algo.overlong_buffer:  # DAPO's soft overlong penalty, on the score before normalising
+        if max_len is None:
+            raise ValueError(
+                "make_experience: algorithm.overlong_buffer > 0 needs max_len (rollout.max_new_tokens)"
+            )
+        penalty = overlong_penalty(mask.sum(dim=1), max_len, algo.overlong_buffer, algo.overlong_penalty)
+        scores = scores + penalty
+        extra["overlong/penalty_mean"] = penalty.mean().item()
+        extra["overlong/frac_penalised"] = (penalty < 0).float().mean().item()
     if normalizer is not None:
         normalizer.update(scores)
         scores = scores / max(normalizer.std, 1e-6)
@@ -132,19 +144,18 @@ def make_experience(
     penalty = kl_coef * kl if algo.kl_in == "reward" else torch.zeros_like(kl)
     token_rewards = sequence_to_token_rewards(scores, mask) - penalty
 
-    if algo.estimator == "gae":
-        advantages, returns = compute_gae(token_rewards, batch["values"].float(), mask, algo.gamma, algo.lam)
+    estimator = get_estimator(algo.estimator)
+    values = batch["values"].float() if "values" in batch else None
+    if estimator.needs_critic and values is None:
+        raise ValueError(
+            f"make_experience: estimator {algo.estimator!r} learns a critic; the batch has no 'values'"
+        )
+    # group estimators sum token_rewards per row: the score minus the summed KL penalty when kl_in == 'reward'
+    inputs = AdvantageInputs(token_rewards, mask, group_size, algo.gamma, algo.lam, values)
+    advantages, returns = estimator(inputs)
+    if returns is not None:
         batch["returns"] = returns
-    elif algo.estimator == "reinforce_pp":
-        advantages = compute_reinforce_pp_advantages(token_rewards, mask, gamma=algo.gamma)
-    else:
-        seq_rewards = token_rewards.sum(dim=1)  # score minus the summed KL penalty when kl_in == 'reward'
-        if algo.estimator == "grpo":
-            seq_adv = compute_grpo_advantages(seq_rewards, group_size)
-        else:
-            seq_adv = compute_rloo_advantages(seq_rewards, group_size)
-        advantages = seq_adv[:, None] * mask
-    if algo.whiten_advantages and algo.estimator in ("gae", "rloo"):
+    if algo.whiten_advantages and estimator.whiten:
         advantages = masked_whiten(advantages, mask) * mask
 
     batch["rewards"] = token_rewards
@@ -168,7 +179,7 @@ def make_experience(
         if scored and "rollout_logprobs" in batch
         else float("nan"),
     }
-    if algo.estimator == "gae":
-        stats["value/mean"] = masked_mean(batch["values"].float(), mask).item()
-        stats["return/mean"] = masked_mean(batch["returns"], mask).item()
-    return batch, stats
+    if values is not None and returns is not None:
+        stats["value/mean"] = masked_mean(values, mask).item()
+        stats["return/mean"] = masked_mean(returns, mask).item()
+    return batch, stats | extra

@@ -334,6 +334,7 @@ class PPOTrainer:
             kl_coef,
             self.group,
             self.normalizer,
+            cfg.rollout.max_new_tokens,
         )
         exp_stats, normalizer = wait_for({"experience": stats_ref, "normalizer": norm_ref}, timeout).values()
         self.normalizer = normalizer
