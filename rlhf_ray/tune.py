@@ -337,7 +337,10 @@ def default_metric(cfg: RLHFConfig) -> tuple[str, str]:
     raises reward/mean without getting better; else the training reward."""
     if cfg.data.eval_path and cfg.run.eval_prompts > 0:
         if cfg.run.eval_function:
-            return "eval/gold", "the default: the gold score of the held-out evaluations, from run.eval_function"
+            return (
+                "eval/gold",
+                "the default: the gold score of the held-out evaluations, from run.eval_function",
+            )
         return "eval/reward", (
             "the default: the reward of the held-out evaluations; run.eval_function would add a gold score"
         )
@@ -402,6 +405,12 @@ def missing_metric_error(metric: str, reported: list[str]) -> ConfigError:
         f"--metric (or `metric:` in the sweep file) and run the sweep with --restart (a resumed sweep keeps "
         f"its first scheduler)"
     )
+
+
+def missing_metric_message(error_text: str) -> str:
+    """A trial's `missing_metric_error` out of the text of the error Tune hands back (Ray's traceback)."""
+    line = next(line for line in error_text.splitlines() if MISSING_MARK in line)
+    return line[line.find("sweep metric") :] if "sweep metric" in line else line
 
 
 # ---- the results ----------------------------------------------------------------------------------

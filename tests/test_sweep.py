@@ -38,6 +38,7 @@ from rlhf_ray.tune import (
     format_table,
     load_sweep_config,
     missing_metric_error,
+    missing_metric_message,
     pareto_front,
     parse_param,
     parse_param_flag,
@@ -217,6 +218,9 @@ def test_default_metric_and_what_asha_compares():
     assert str(error).startswith(
         "sweep metric 'eval/golf' is not among the metrics a trial reports: eval/gold, kl, reward/mean"
     )
+    # what run_sweep raises again from the error Tune hands back, Ray's traceback around it
+    traced = f"ray::ImplicitFunc.train() (pid=1)\n  File x.py, line 3\nrlhf_ray.config.ConfigError: {error}\n"
+    assert missing_metric_message(traced) == str(error)
 
 
 def _row(trial, kl_coef, lr, reward, kl, error=False, steps=4):
@@ -399,11 +403,13 @@ def test_four_trial_sweep_then_restore(ray_local, tiny_model_dir, task, tmp_path
     from rlhf_ray.trainer.sweep import run_sweep, trial_resources
 
     cfg = sweep_rl_config(tiny_model_dir, task)
+    keys = ["rollout.temperature", "trainer.lr"]
     sweep = SweepConfig(
         output_dir=str(tmp_path / "sweep"),
         name="t",
-        kl_coef=[0.01, 0.5],
-        lr=[2e-3, 1e-4],  # the fast learners first: ASHA then has a bar the slow ones may miss
+        # any RL config key, here next to the lr; the fast learners first: ASHA then has a bar the slow
+        # ones may miss
+        params={"rollout.temperature": {"grid": [1.0, 0.5]}, "trainer.lr": [2e-3, 1e-4]},
         grace_period=2,
         max_concurrent_trials=2,
         trial_cpus=0.5,
@@ -415,28 +421,33 @@ def test_four_trial_sweep_then_restore(ray_local, tiny_model_dir, task, tmp_path
     print(result.table)
     rows = result.rows
     assert not result.restored and result.finished
-    assert sorted((r["kl_coef"], r["lr"]) for r in rows) == [
-        (0.01, 1e-4),
-        (0.01, 2e-3),
+    # the run evaluates with a gold function: ranked by eval/gold; evaluated only at steps 0 and 3, too
+    # rarely for ASHA's rungs, which compare the training reward
+    assert (result.ranking.metric, result.ranking.asha_metric) == ("eval/gold", "reward/mean")
+    assert sorted((r["rollout.temperature"], r["trainer.lr"]) for r in rows) == [
         (0.5, 1e-4),
         (0.5, 2e-3),
+        (1.0, 1e-4),
+        (1.0, 2e-3),
     ]
     assert len({r["output_dir"] for r in rows}) == 4, "each trial needs its own output dir"
     for r in rows:
         assert not r["error"], r["status"]
         out = tmp_path / "sweep" / "trials" / r["trial"]
         assert r["output_dir"] == str(out)
-        # the trial's run used its own kl_coef and lr
+        # the trial's run used its own temperature and lr
         run_cfg = yaml.safe_load((out / "config.yaml").read_text())
-        assert (run_cfg["algorithm"]["kl_coef"], run_cfg["trainer"]["lr"]) == (r["kl_coef"], r["lr"])
+        assert (run_cfg["rollout"]["temperature"], run_cfg["trainer"]["lr"]) == (r[keys[0]], r[keys[1]])
         steps = [m for m in read_metrics(out / "metrics.jsonl") if "reward/mean" in m]
         assert len(steps) == r["steps"] >= sweep.grace_period  # ASHA stops no trial before its grace period
         if r["status"] == "completed":
             assert r["steps"] == TOTAL_STEPS
             assert (out / "policy" / "config.json").is_file()
             assert r["gold"] == pytest.approx(read_metrics(out / "metrics.jsonl")[-1]["eval/gold"])
+            assert (r["metric"], r["metric_step"]) == (r["gold"], TOTAL_STEPS)  # the last evaluation
         else:
             assert r["status"] == "stopped early (ASHA)" and r["steps"] < TOTAL_STEPS
+            assert r["metric_step"] == 0  # only the initial policy's evaluation: it does not compete
         # the table's reward is the mean of the trial's last `window` steps
         assert r["reward"] == pytest.approx(sum(m["reward/mean"] for m in steps[-2:]) / len(steps[-2:]))
     assert sum(r["status"] == "completed" for r in rows) >= 1
@@ -451,13 +462,19 @@ def test_four_trial_sweep_then_restore(ray_local, tiny_model_dir, task, tmp_path
     # the table, the CSV and the best config agree
     md = (tmp_path / "sweep" / "results.md").read_text()
     assert sum(line.startswith("| ") for line in md.splitlines()) == 1 + 4  # header + one row per trial
+    assert md.splitlines()[3].startswith("| trial | rollout.temperature | trainer.lr | steps |")
+    assert "| rank: eval/gold (last evaluation @ step) |" in md
     with open(tmp_path / "sweep" / "results.csv") as f:
         assert {row["trial"] for row in csv.DictReader(f)} == {r["trial"] for r in rows}
-    best = max(rows, key=lambda r: r["metric"])
-    assert result.best["trial"] == best["trial"] and f"trial {best['trial']}" in md
+    best = max((r for r in rows if r["status"] == "completed"), key=lambda r: r["metric"])
+    assert (
+        result.best["trial"] == best["trial"]
+        and f"best by eval/gold (max, its last evaluation): trial {best['trial']}" in md
+    )
     best_cfg = RLHFConfig.from_yaml(tmp_path / "sweep" / "best_config.yaml")
-    assert (best_cfg.algorithm.kl_coef, best_cfg.trainer.lr) == (best["kl_coef"], best["lr"])
+    assert (best_cfg.rollout.temperature, best_cfg.trainer.lr) == (best[keys[0]], best[keys[1]])
     assert best_cfg.model.policy_path == cfg.model.policy_path
+    assert json.loads((tmp_path / "sweep" / "results.json").read_text())["ranking"]["metric"] == "eval/gold"
 
     # the same call again restores the finished experiment: no trial runs a step more
     lines = {
@@ -471,6 +488,11 @@ def test_four_trial_sweep_then_restore(ray_local, tiny_model_dir, task, tmp_path
     ]
     for trial, n in lines.items():
         assert len(read_metrics(tmp_path / "sweep" / "trials" / trial / "metrics.jsonl")) == n
+    # a metric the trials never reported: the error names it and what they did report
+    with pytest.raises(
+        ConfigError, match=r"sweep metric 'eval/golf' is not among .*: .*eval/gold, .*reward/mean"
+    ):
+        run_sweep(cfg, dataclasses.replace(sweep, metric="eval/golf"))
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ from rlhf_ray.tune import (
     expected_trials,
     is_eval_metric,
     missing_metric_error,
+    missing_metric_message,
     ranking,
     sort_rows,
     summarise_trial,
@@ -253,7 +254,7 @@ def run_sweep(cfg: RLHFConfig, sweep: SweepConfig) -> SweepResult:
     for trial in tune.ExperimentAnalysis(str(exp)).trials:  # every trial Tune made, with its status
         result = results.get(Path(trial.path).name)
         if result is not None and result.error is not None and MISSING_MARK in str(result.error):
-            raise ConfigError(_missing_metric_message(result.error))
+            raise ConfigError(missing_metric_message(str(result.error)))
         rows.append(
             summarise_trial(
                 trial.config,
@@ -266,6 +267,9 @@ def run_sweep(cfg: RLHFConfig, sweep: SweepConfig) -> SweepResult:
                 trial_id=trial.trial_id,
             )
         )
+    reported = reported_metrics(results.values())
+    if reported and rank.metric not in reported:  # e.g. a finished sweep restored with another --metric
+        raise missing_metric_error(rank.metric, sorted(reported))
     keys = [p.key for p in params]
     rows = sort_rows(rows, keys)
     best = best_row(rows, rank.metric, rank.mode)
@@ -287,11 +291,17 @@ def run_sweep(cfg: RLHFConfig, sweep: SweepConfig) -> SweepResult:
     )
 
 
-def _missing_metric_message(error: BaseException) -> str:
-    """The trial's `missing_metric_error` text out of the error Tune hands back (with Ray's traceback)."""
-    text = str(error)
-    line = next(line for line in text.splitlines() if MISSING_MARK in line)
-    return line[line.find("sweep metric") :] if "sweep metric" in line else line
+def reported_metrics(results: Any) -> set[str]:
+    """The metric names the trials reported (Tune's own columns and the trials' configs left out)."""
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    skip = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "step", "output_dir"}
+    names: set[str] = set()
+    for result in results:
+        df = result.metrics_dataframe
+        if df is not None:
+            names |= {c for c in df.columns if c not in skip and not c.startswith("config/")}
+    return names
 
 
 def check_trial_fits(cfg: RLHFConfig, sweep: SweepConfig, rank: Ranking) -> None:
