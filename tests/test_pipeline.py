@@ -1,6 +1,7 @@
 """The four-stage pipeline job (`jobs.pipeline`): a shortened run through every stage with real Ray, real
-DeepSpeed ranks and real vLLM rollouts, then a second call that must skip every finished stage; and fast
-checks (no Ray) of config errors, the resume keys and the report's verdict."""
+DeepSpeed ranks and real vLLM rollouts, then a second call that must skip every finished stage, then the
+run's files fed back in as your own data (pipeline.task=own); and fast checks (no Ray) of config errors,
+the own-data template and plans, the resume keys and the report's verdict."""
 
 from __future__ import annotations
 
@@ -12,12 +13,21 @@ import pytest
 import yaml
 
 from jobs.pipeline import main
-from rlhf_ray.config import RLHFConfig
+from rlhf_ray.config import ConfigError, RLHFConfig
+from rlhf_ray.data import DataError, write_jsonl
 from rlhf_ray.report import build_summary, format_table, paired_gain, verdict
-from rlhf_ray.trainer.pipeline import STAGES, stage_configs, stage_keys
+from rlhf_ray.trainer.pipeline import (
+    STAGES,
+    check_inputs,
+    pending_stages,
+    stage_configs,
+    stage_keys,
+    stage_plan,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "jobs" / "configs" / "tiny.yaml")
+OWN = str(ROOT / "jobs" / "configs" / "own_data.yaml")
 
 # A pipeline small enough for the test suite: 1,500 demonstrations, 2 SFT epochs, 800 preference prompts,
 # a few RL steps. Measured (seeded; CPU, 2 cores): SFT held-out loss 2.87 -> 0.98, greedy gold 0.478;
@@ -133,6 +143,8 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, capsys):
         ("offline.sft.epochs=0", "offline.sft.epochs=0 is out of range"),
         ("offline.reward_model.lr=-1", "offline.reward_model.lr=-1.0 is out of range"),
         ("offline.rm.epochs=1", "unknown config key 'offline.rm'"),
+        ("pipeline.prompts=p.jsonl", "pipeline.prompts='p.jsonl' is read only with pipeline.task=own"),
+        ("pipeline.task=own", "pipeline.prompts is not set: pipeline.task=own needs the RL prompts"),
     ],
 )
 def test_bad_pipeline_config_fails_clearly(override, message, capsys):
@@ -156,7 +168,8 @@ def test_stage_configs_link_the_stages(tmp_path):
     assert (
         c["sft"].data.train_path == str(tmp_path / "task" / "sft.jsonl") and c["sft"].data.eval_path is None
     )
-    assert c["reward_model"].model.reward_path is None  # starts from <root>/sft, not the yaml's reward model
+    # the reward model starts from <root>/sft (its model.reward_path), not from the yaml's reward model
+    assert c["reward_model"].model.reward_path == str(tmp_path / "sft")
     assert c["reward_model"].data.train_path == str(tmp_path / "preferences" / "pairs.jsonl")
     assert c["rl"].model.policy_path == str(tmp_path / "sft")
     assert c["rl"].model.reward_path == str(tmp_path / "reward_model")
@@ -182,6 +195,199 @@ def test_stage_keys_change_from_the_changed_stage_on():
         assert all(keys[s] != base[s] for s in STAGES[i:]), override
     # settings that do not change results keep every stage
     assert stage_keys(cfg.with_overrides(["logging.progress_bar=false", "run.call_timeout_s=99"])) == base
+
+
+# ---- own data (pipeline.task=own): the template, the plan, the inputs ---------------------------------
+def own(tmp_path, *overrides):
+    return RLHFConfig.from_yaml(OWN, [f"pipeline.output_dir={tmp_path / 'run'}", *overrides])
+
+
+def actions(plan):
+    return {s: step.action for s, step in plan.items()}
+
+
+def test_own_data_template_loads_validates_and_plans_every_stage(tmp_path):
+    """All four stages from your files: SFT from pipeline.base_model on your demonstrations, the reward model
+    from the SFT policy on your pairs (nothing sampled), RL on your prompts against it."""
+    cfg = own(tmp_path)
+    root, p = tmp_path / "run", cfg.pipeline
+    assert p.task == "own" and cfg.reward.kind == "model"
+    plan = stage_plan(cfg)
+    assert actions(plan) == {
+        "data": "given",
+        "sft": "run",
+        "preferences": "given",
+        "reward_model": "run",
+        "rl": "run",
+        "evaluate": "unused",  # the template has no run.eval_function: nothing to compare the policies with
+    }
+    assert plan["sft"].inputs == {"model": p.base_model, "data": p.demonstrations}
+    assert plan["preferences"].output == p.preference_pairs
+    assert plan["reward_model"].inputs == {"init": str(root / "sft"), "data": p.preference_pairs}
+    assert plan["rl"].inputs == {
+        "policy": str(root / "sft"),
+        "reward_model": str(root / "reward_model"),
+        "prompts": p.prompts,
+        "eval_prompts": p.eval_prompts,
+    }
+    c = stage_configs(cfg, plan)
+    assert set(c) == {"data", "sft", "reward_model", "rl"}
+    assert (c["sft"].model.policy_path, c["sft"].data.train_path) == (p.base_model, p.demonstrations)
+    assert c["sft"].run.output_dir == str(root)  # writes <root>/sft
+    assert c["reward_model"].model.reward_path == str(root / "sft")  # where the reward model starts
+    assert c["reward_model"].data.train_path == p.preference_pairs
+    assert c["rl"].model.policy_path == str(root / "sft")
+    assert c["rl"].model.reward_path == str(root / "reward_model")
+    assert (c["rl"].data.train_path, c["rl"].data.eval_path) == (p.prompts, p.eval_prompts)
+    assert c["rl"].run.eval_function is None and c["rl"].run.output_dir == str(root / "rl")
+    # your data's settings reach every stage
+    assert all(c[s].data.apply_chat_template and c[s].data.max_prompt_len == 512 for s in c)
+
+    # with an eval function (e.g. your reward's rule, given each held-out record's fields) the report
+    # compares the SFT and the RL policy on your held-out prompts
+    plan = stage_plan(own(tmp_path, "run.eval_function=my_rewards:exact"))
+    assert plan["evaluate"].action == "run"
+    assert plan["evaluate"].inputs == {
+        "sft": str(root / "sft"),
+        "rl": str(root / "rl" / "policy"),
+        "prompts": p.eval_prompts,
+    }
+
+
+def test_own_data_plan_with_your_sft_model(tmp_path):
+    """pipeline.sft_model: SFT is skipped (base_model and demonstrations are not read); the reward model
+    starts from your SFT model, which is also RL's policy and reference."""
+    cfg = own(tmp_path, "pipeline.sft_model=/models/my-sft", "run.eval_function=my_rewards:exact")
+    plan = stage_plan(cfg)
+    assert plan["sft"].action == "given" and plan["sft"].output == "/models/my-sft"
+    assert actions(plan) | {"sft": "run"} == actions(stage_plan(own(tmp_path, "run.eval_function=m:f")))
+    assert plan["reward_model"].inputs == {"init": "/models/my-sft", "data": cfg.pipeline.preference_pairs}
+    assert plan["rl"].inputs["policy"] == plan["evaluate"].inputs["sft"] == "/models/my-sft"
+    c = stage_configs(cfg, plan)
+    assert "sft" not in c
+    assert c["reward_model"].model.reward_path == "/models/my-sft"
+    assert c["rl"].model.policy_path == c["evaluate"].model.policy_path == "/models/my-sft"
+    # nor does the config need base_model and demonstrations then
+    bare = own(
+        tmp_path,
+        "pipeline.sft_model=/models/my-sft",
+        "pipeline.base_model=null",
+        "pipeline.demonstrations=null",
+    )
+    assert actions(stage_plan(bare)) == actions(plan) | {"evaluate": "unused"}
+
+
+def test_own_data_plan_with_your_reward_model(tmp_path):
+    """pipeline.reward_model: preference pairs and reward-model training are skipped; RL scores with yours."""
+    cfg = own(tmp_path, "pipeline.reward_model=/models/my-rm")
+    plan = stage_plan(cfg)
+    assert actions(plan) == {
+        "data": "given",
+        "sft": "run",
+        "preferences": "unused",
+        "reward_model": "given",
+        "rl": "run",
+        "evaluate": "unused",
+    }
+    assert plan["rl"].inputs["reward_model"] == "/models/my-rm"
+    c = stage_configs(cfg, plan)
+    assert "reward_model" not in c and c["rl"].model.reward_path == "/models/my-rm"
+    assert c["rl"].reward.kind == "model"
+    # both given: only RL (and the report) runs
+    both = stage_plan(
+        own(tmp_path, "pipeline.reward_model=/models/my-rm", "pipeline.sft_model=/models/my-sft")
+    )
+    assert [s for s, step in both.items() if step.action == "run"] == ["rl"]
+
+
+def test_own_data_plan_with_a_rule_reward_needs_no_reward_model(tmp_path):
+    cfg = own(
+        tmp_path,
+        "reward.kind=rule",
+        "reward.function=rlhf_ray.rewards_builtin:arithmetic_reward",
+        "run.eval_function=rlhf_ray.rewards_builtin:arithmetic_reward",
+    )
+    plan = stage_plan(cfg)
+    assert (plan["preferences"].action, plan["reward_model"].action) == ("unused", "unused")
+    assert "reward_model" not in plan["rl"].inputs
+    c = stage_configs(cfg, plan)
+    assert c["rl"].reward.kind == "rule" and c["rl"].model.reward_path is None
+    assert c["rl"].run.eval_function == "rlhf_ray.rewards_builtin:arithmetic_reward"
+    # a learned reward with neither pairs nor a reward model: the plan says which key to set
+    with pytest.raises(ConfigError, match="pipeline.preference_pairs is not set"):
+        stage_plan(own(tmp_path, "pipeline.preference_pairs=null"))
+
+
+def test_synthetic_plan_runs_every_stage_and_takes_a_given_sft_model(tmp_path):
+    cfg = RLHFConfig.from_yaml(TINY, [f"pipeline.output_dir={tmp_path}"])
+    assert set(actions(stage_plan(cfg)).values()) == {"run"}
+    plan = stage_plan(cfg.with_overrides(["pipeline.sft_model=/models/sorted"]))
+    assert plan["sft"].action == "given"
+    assert plan["preferences"].inputs["policy"] == plan["reward_model"].inputs["init"] == "/models/sorted"
+
+
+def _own_files(tmp_path):
+    """Tiny own-data files (the synthetic task's prompts) and the config that reads them."""
+    d = tmp_path / "data"
+    write_jsonl(d / "sft.jsonl", [{"prompt": "sort 3 1", "response": "1 3"}] * 4)
+    write_jsonl(d / "pairs.jsonl", [{"prompt": "sort 3 1", "chosen": "1 3", "rejected": "3 1"}] * 4)
+    write_jsonl(d / "prompts.jsonl", [{"prompt": "sort 2 1", "answer": "1 2"}] * 4)
+    write_jsonl(d / "eval.jsonl", [{"prompt": "sort 5 4", "answer": "4 5"}] * 2)
+    return d
+
+
+def test_own_data_keys_follow_your_files(tmp_path, tiny_model_dir):
+    """A changed file of yours re-runs the stage that reads it and those after it, not those before."""
+    d = _own_files(tmp_path)
+    files = [
+        f"pipeline.base_model={tiny_model_dir}",
+        f"pipeline.demonstrations={d / 'sft.jsonl'}",
+        f"pipeline.preference_pairs={d / 'pairs.jsonl'}",
+        f"pipeline.prompts={d / 'prompts.jsonl'}",
+        f"pipeline.eval_prompts={d / 'eval.jsonl'}",
+    ]
+    cfg = own(tmp_path, *files)
+    base = stage_keys(cfg)
+    assert stage_keys(cfg) == base
+    for name, first in (("prompts.jsonl", "rl"), ("pairs.jsonl", "preferences"), ("sft.jsonl", "sft")):
+        with (d / name).open("a") as f:
+            f.write('{"prompt": "sort 9 8", "response": "8 9", "chosen": "8 9", "rejected": "9 8"}\n')
+        keys = stage_keys(cfg)
+        i = STAGES.index(first)
+        assert all(keys[s] == base[s] for s in STAGES[:i]), name
+        assert all(keys[s] != base[s] for s in STAGES[i:]), name
+        base = keys
+    assert pending_stages(cfg) == ["sft", "reward_model", "rl"]  # nothing ran yet; no Ray needed to know
+
+
+def test_own_inputs_are_checked_before_any_stage(tmp_path, tiny_model_dir):
+    from rlhf_ray.models import build_word_tokenizer, tiny_model
+
+    d = _own_files(tmp_path)
+    files = [
+        f"pipeline.base_model={tiny_model_dir}",
+        f"pipeline.demonstrations={d / 'sft.jsonl'}",
+        f"pipeline.preference_pairs={d / 'pairs.jsonl'}",
+        f"pipeline.prompts={d / 'prompts.jsonl'}",
+        f"pipeline.eval_prompts={d / 'eval.jsonl'}",
+    ]
+    cfg = own(tmp_path, *files)
+    check_inputs(cfg, list(STAGES))  # all there
+    with pytest.raises(DataError, match="no field 'response'"):
+        check_inputs(cfg.with_overrides([f"pipeline.demonstrations={d / 'prompts.jsonl'}"]), ["sft"])
+    # a stage that does not run does not read its file
+    check_inputs(cfg.with_overrides([f"pipeline.demonstrations={d / 'prompts.jsonl'}"]), ["rl"])
+    with pytest.raises(ConfigError, match="pipeline.base_model='/nowhere' is not a directory"):
+        check_inputs(cfg.with_overrides(["pipeline.base_model=/nowhere"]), ["sft"])
+    # a reward model with another tokenizer than the policy cannot score its token ids
+    other = tiny_model(tmp_path / "other", build_word_tokenizer(["x", "y", "z"]), seed=0)
+    with pytest.raises(ConfigError, match="pipeline.reward_model=.* has another tokenizer than the policy"):
+        check_inputs(cfg.with_overrides([f"pipeline.reward_model={other}"]), ["rl"])
+    check_inputs(cfg.with_overrides([f"pipeline.reward_model={tiny_model_dir}"]), ["rl"])
+    # the job says so before Ray starts
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", OWN, f"pipeline.output_dir={tmp_path / 'run'}"])
+    assert "input error: pipeline.base_model='/path/to/base-model' is not a directory" in str(exc.value.code)
 
 
 def _evaluation(sft_gold, rl_gold, sft_reward, rl_reward):

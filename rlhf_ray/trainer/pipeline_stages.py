@@ -1,12 +1,16 @@
 """The stages of `rlhf_ray.trainer.pipeline`, each a function `(stage config, layout) -> result dict`
 that reads what the stage before it wrote and writes its own outputs (paths in `pipeline_layout.Layout`).
 
-- data: the synthetic task's files and a random tiny model;
+- data: the synthetic task's files and a random tiny model (pipeline.task=synthetic only);
 - sft: `run_sft` on the demonstrations (settings `offline.sft`);
 - preferences: two temperature-1 samples per prompt from the SFT policy on a vLLM `RolloutEngine`,
-  ordered by the simulated labeler into (prompt, chosen, rejected) pairs;
+  ordered by the simulated labeler into (prompt, chosen, rejected) pairs (synthetic only);
 - reward_model: `run_reward_model` on the pairs from the SFT weights (settings `offline.reward_model`);
-- rl: `PPOTrainer` from the SFT policy against the learned reward model, reference = SFT policy.
+- rl: `PPOTrainer` from the SFT policy against the reward (`reward.*`), reference = SFT policy;
+- evaluate: the SFT and the RL policy on the held-out prompts (`rlhf_ray.trainer.evaluation`).
+
+Which of them run, and what each reads, is the run's plan (`pipeline_layout.stage_plan`); the stage's
+config (`pipeline.stage_configs`) holds the paths.
 """
 
 from __future__ import annotations
@@ -107,10 +111,18 @@ def rl_stage(cfg: RLHFConfig, lay: Layout) -> dict[str, Any]:
     return out | {"steps": cfg.run.total_steps}
 
 
+def evaluate_stage(cfg: RLHFConfig, lay: Layout) -> dict[str, Any]:
+    """The SFT policy (`model.policy_path`, the reference) against the RL policy on the held-out prompts."""
+    from rlhf_ray.trainer.evaluation import evaluate_policies
+
+    return evaluate_policies(cfg, {"sft": cfg.model.policy_path, "rl": lay.rl_policy}, reference="sft")
+
+
 STAGE_FUNCTIONS = {
     "data": data_stage,
     "sft": sft_stage,
     "preferences": preferences_stage,
     "reward_model": reward_model_stage,
     "rl": rl_stage,
+    "evaluate": evaluate_stage,
 }
