@@ -275,7 +275,8 @@ def run_sweep(cfg: RLHFConfig, sweep: SweepConfig) -> SweepResult:
     best = best_row(rows, rank.metric, rank.mode)
     best_cfg = None
     if best is not None:
-        best_cfg = RLHFConfig.from_dict(with_params(cfg.to_dict(), {k: best[k] for k in keys}))
+        # a restored sweep's trials have the keys it was started with (this call's params are not used)
+        best_cfg = RLHFConfig.from_dict(with_params(cfg.to_dict(), {k: best[k] for k in keys if k in best}))
     table, paths = write_results(out, rows, best, best_cfg, sweep, params, rank)
     paths["tune"] = str(exp)
     finished = len(rows) == expected_trials(params, sweep.num_samples) and all(r["finished"] for r in rows)
