@@ -129,7 +129,7 @@ def stage_configs(cfg: RLHFConfig, plan: dict[str, StagePlan] | None = None) -> 
 
 def fingerprint(path: str | None) -> Any:
     """What says that a file or directory of yours changed: its path, size and modification time (a
-    directory: those of the files in it); None for a path that does not exist (yet)."""
+    directory: those of the files in it); only the path for one that does not exist (yet)."""
     if path is None:
         return None
     p = Path(path).expanduser()
