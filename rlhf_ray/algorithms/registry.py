@@ -34,8 +34,9 @@ from rlhf_ray.algorithms.losses import gspo_policy_loss, ppo_policy_loss
 class AdvantageInputs:
     """What an estimator may use, for a batch of B rows of T tokens."""
 
-    token_rewards: Tensor  # [B, T]: each score on its row's last response token, minus the KL penalty
-    # when algorithm.kl_in='reward'; sum over dim 1 for the sequence rewards
+    # [B, T]: each score on its row's last response token, minus the per-token KL penalty when
+    # algorithm.kl_in='reward'; `seq_rewards` sums them per row
+    token_rewards: Tensor
     mask: Tensor  # [B, T], float: 1 on response tokens
     group_size: int  # samples per prompt; a prompt's samples are consecutive rows
     gamma: float
