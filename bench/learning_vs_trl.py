@@ -5,8 +5,9 @@ and TRL's `GRPOTrainer` (bench/trl_grpo_worker.py in bench/.trl-venv) with the s
 Same on both sides: the base model, the training problems, prompts per step, samples per prompt, max new
 tokens, temperature 1 (top_p 1, no top_k), learning rate (constant, AdamW), KL beta to the frozen base (k3,
 in the loss), clip 0.2, group-std advantages, token-mean loss, one optimiser step per batch, fp32 (CPU),
-2 torch threads per compute process, and the training reward (`arithmetic_partial_reward`: 1 for the right
-final number, 0.5 for the right number written earlier; each side gets the record's `answer` field).
+2 torch threads per compute process, and the training reward (`arithmetic_format_reward`: 1 for the right
+final number, plus 0.2 for a short answer ending on a number as the prompt asks; each side gets the
+record's `answer` field).
 Then one evaluator (`bench.heldout_eval`, transformers `generate`) scores the base model and every trained
 policy on the first 100 held-out problems with the strict score (final number right), greedy and sampled.
 
@@ -39,14 +40,14 @@ RUNS = RESULTS / "learning_vs_trl_runs"
 PLOT = ROOT / "docs" / "img" / "learning_vs_trl.png"
 CONFIG = ROOT / "jobs" / "configs" / "smollm2_arithmetic.yaml"
 TRAIN = ROOT / "jobs" / "data" / "arithmetic_train.jsonl"
-REWARD = "rlhf_ray.rewards_builtin:arithmetic_partial_reward"
+REWARD = "rlhf_ray.rewards_builtin:arithmetic_format_reward"
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": str(smollm2_dir()),
         "train": str(TRAIN),
-        "reward": REWARD,
+        "reward": args.reward,
         "prompts_per_step": args.prompts_per_step,
         "samples": args.samples,
         "max_new_tokens": args.max_new_tokens,
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--reward", default=REWARD, help="training reward, module:function (rule protocol)")
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--eval-prompts", type=int, default=100)

@@ -90,3 +90,25 @@ def arithmetic_partial_reward(
     a small model (SmolLM2-135M ends on the right number ~6% of the time) gets a denser signal toward
     saying it and stopping. The strict `arithmetic_reward` stays the held-out score."""
     return [arithmetic_partial_score(r, a) for r, a in zip(responses, answer, strict=True)]
+
+
+ARITHMETIC_SHORT_WORDS = 6
+
+
+def arithmetic_format_score(response: str, answer: int | float | str) -> float:
+    """Training signal that also rewards following the instruction "Answer with just the number.":
+    `arithmetic_score` (1.0 for the right final number) plus 0.2 for an answer of at most
+    `ARITHMETIC_SHORT_WORDS` words that ends on a number (right or wrong). The format part is dense (a
+    small model's answers vary in length from the start), so a run learns from its first steps; the strict
+    `arithmetic_score` stays the held-out measure, and a short wrong answer (0.2) never beats a right one."""
+    text = response.strip()
+    short = 0 < len(text.split()) <= ARITHMETIC_SHORT_WORDS and final_number(text.split()[-1]) is not None
+    return arithmetic_score(response, answer) + 0.2 * short
+
+
+def arithmetic_format_reward(
+    prompts: list[str], responses: list[str], answer: list[int | float | str]
+) -> list[float]:
+    """`arithmetic_format_score` per response: the right final number (1.0) plus 0.2 for a short answer
+    that ends on a number, as the prompt asks. Evaluate with the strict `arithmetic_reward`."""
+    return [arithmetic_format_score(r, a) for r, a in zip(responses, answer, strict=True)]

@@ -13,6 +13,7 @@ import pytest
 from jobs.arithmetic_task import EVAL_FILE, INSTRUCTION, KINDS, TRAIN_FILE, main, make_problems
 from rlhf_ray.config import RLHFConfig
 from rlhf_ray.rewards_builtin import (
+    arithmetic_format_score,
     arithmetic_partial_score,
     arithmetic_reward,
     arithmetic_score,
@@ -120,6 +121,15 @@ def test_arithmetic_partial_score_hand_cases():
     assert arithmetic_partial_score("1,500 stickers, 3 boxes", 1500) == 0.5
     assert arithmetic_partial_score("17 and 19", 18) == 0.0
     assert arithmetic_partial_score("", 0) == 0.0
+
+
+def test_arithmetic_format_score_hand_cases():
+    assert arithmetic_format_score("18", 18) == 1.2  # right, and just the number as asked
+    assert arithmetic_format_score("The answer is 18.", 18) == 1.2  # 4 words ending on the number
+    assert arithmetic_format_score("17", 18) == 0.2  # the format alone: less than any right answer
+    assert arithmetic_format_score("18 apples in 6 bags", 18) == 0.0  # the final number is 6, not 18
+    assert arithmetic_format_score("Anna buys 6 bags of 3 apples, so she has 18", 18) == 1.0  # right, long
+    assert arithmetic_format_score("", 0) == 0.0
 
 
 def test_the_trl_workers_reward_gets_the_records_answer():
