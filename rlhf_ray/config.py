@@ -404,7 +404,7 @@ class RunConfig:
     seed: int = 0  # seed of sampling, data order and initialisation
     total_steps: int = 100  # RL steps
     prompts_per_step: int = 8  # prompts of one RL step (x rollout.samples_per_prompt sequences)
-    eval_interval: int = 0  # steps; 0: only at the end
+    eval_interval: int = 0  # steps between evaluations, also run at step 0 and at the end; 0: only those
     eval_prompts: int = 64  # prompts of data.eval_path in each evaluation; 0: no evaluation
     eval_greedy: bool = True  # evaluate greedy answers, else one sample per prompt
     # 'module:function' scoring eval responses besides the reward (e.g. a gold score)
@@ -433,10 +433,12 @@ class RunConfig:
 
 @dataclass
 class LoggingConfig:
-    jsonl: bool = True  # metrics as JSON lines under <run.output_dir>/logs
+    jsonl: bool = True  # metrics.jsonl in <run.output_dir> (RL) or in its logs/<stage>/ (offline stages)
     tensorboard: bool = True  # metrics as TensorBoard events
     progress_bar: bool = True  # a progress bar on the terminal
-    log_interval: int = 1  # steps between metric records
+    # steps between printed table rows; RL writes every step to metrics.jsonl, the offline stages only
+    # these steps, evaluations and the last step
+    log_interval: int = 1
     # RL: steps between sample records (prompt, response, reward, advantage, gold) in samples.jsonl and
     # TensorBoard text, also written at the last step; 0: off
     sample_interval: int = 10
