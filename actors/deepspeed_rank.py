@@ -42,7 +42,7 @@ from torch import Tensor
 from rlhf_ray import runtime
 from rlhf_ray.batch import Batch, RankShard, rank_shards
 from rlhf_ray.config import RLHFConfig
-from rlhf_ray.deepspeed_config import OffloadPlan, rollout_offload_plan
+from rlhf_ray.deepspeed_config import OffloadPlan, rollout_offload_plan, set_learning_rate
 from rlhf_ray.metrics import extreme
 
 if TYPE_CHECKING:
@@ -400,7 +400,9 @@ class DeepSpeedRank:
         """Model, optimiser, scheduler and this rank's training position under `path` (every rank calls)."""
         self.engine.save_checkpoint(str(path), client_state={"train_calls": self.train_calls})
 
-    def load_checkpoint(self, path: str) -> None:
+    def load_checkpoint(self, path: str) -> float:
+        """Model, optimiser, scheduler and training position from `path`, then the config's learning rate
+        (`learning_rate()`) in place of the saved one; returns the rate the checkpoint was saved with."""
         load_path, client = self.engine.load_checkpoint(
             str(path), load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -410,6 +412,7 @@ class DeepSpeedRank:
                 f"written by save_checkpoint)"
             )
         self.train_calls = int((client or {}).get("train_calls", 0))
+        return set_learning_rate(self.scheduler, self.learning_rate())
 
     def save_pretrained(self, path: str) -> str | None:
         """Rank 0 writes an HF directory (model + tokenizer) atomically; every rank must call it (ZeRO-3

@@ -214,8 +214,10 @@ class TrainerHandle:
         """DeepSpeed checkpoint (model, optimiser, scheduler, data position) under `path`, all ranks."""
         wait_all(self.group.call("save_checkpoint", str(path)), timeout, "save_checkpoint")
 
-    def load_checkpoint(self, path: str, timeout: float | None = None) -> None:
-        wait_all(self.group.call("load_checkpoint", str(path)), timeout, "load_checkpoint")
+    def load_checkpoint(self, path: str, timeout: float | None = None) -> float:
+        """Every rank loads its part of the checkpoint under `path` and then trains at the config's learning
+        rate; returns the rate the checkpoint was saved with (rank 0's)."""
+        return wait_all(self.group.call("load_checkpoint", str(path)), timeout, "load_checkpoint")[0]
 
     def save_pretrained(self, path: str, timeout: float | None = None) -> str:
         """An HF directory (model + tokenizer) written by rank 0; returns its path."""

@@ -47,6 +47,21 @@ def optimizer_kind(trainer_cfg: TrainerConfig) -> OptimizerKind:
     return "cpu_adam" if trainer_cfg.offload_optimizer else "adamw"
 
 
+def set_learning_rate(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> float:
+    """Make `lr` the scheduler's base rate and give each parameter group the rate the schedule sets at its
+    current step (`base * factor(last_epoch)`, as `LambdaLR` computes it). A resumed rank calls it after
+    loading a checkpoint, whose optimiser and scheduler states carry the rate the run was saved with, so
+    that the config's rate (`trainer.lr`, `trainer.critic_lr`) is the one trained at; with the same rate it
+    changes nothing, bit for bit. Returns the base rate it replaced (the first group's)."""
+    before = scheduler.base_lrs[0]
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    return before
+
+
 def deepspeed_config(
     trainer_cfg: TrainerConfig,
     dtype: torch.dtype,

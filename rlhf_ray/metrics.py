@@ -37,9 +37,24 @@ ROW_KEYS = {
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, cfg: LoggingConfig, total_steps: int, start_step: int = 0):
+    """The sinks of one run in `output_dir`. `start_step`: the last step already logged (0 for a new run);
+    the caller has dropped the JSONL rows after it, and TensorBoard drops its events after it (the writer's
+    `purge_step`), so steps done again after a resume or a rollback appear once everywhere. `new_run`: an
+    earlier run's metrics.jsonl, samples.jsonl and tensorboard/ in `output_dir` are moved aside first
+    (`set_aside`), so the new run's steps do not mix with the old ones."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        cfg: LoggingConfig,
+        total_steps: int,
+        start_step: int = 0,
+        new_run: bool = False,
+    ):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if new_run:
+            set_aside(self.dir)
         self.cfg = cfg
         self.path = self.dir / "metrics.jsonl"
         self._jsonl = self.path.open("a") if cfg.jsonl else None
@@ -49,7 +64,8 @@ class MetricsLogger:
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            purge = None if new_run else start_step + 1  # TensorBoard discards the old events from there on
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge)
         self.total_steps, self.start_step = total_steps, start_step
         self._recent: deque[tuple[int, float]] = deque([(start_step, time.perf_counter())], maxlen=11)
         self._bar = None
@@ -125,6 +141,38 @@ class MetricsLogger:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+
+
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "tensorboard")
+
+
+def set_aside(output_dir: Path) -> list[Path]:
+    """Rename an earlier run's `RUN_FILES` in `output_dir` (empty files stay) with the UTC time, e.g.
+    metrics.jsonl -> metrics.20250101T120000Z.jsonl, tensorboard -> tensorboard.20250101T120000Z; says so in
+    one printed line. Returns the new paths (none when there was nothing to move)."""
+    found = [p for p in (output_dir / name for name in RUN_FILES) if p.is_dir() or _size(p) > 0]
+    if not found:
+        return []
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    suffix, n = stamp, 0
+    while any(_stamped(p, suffix).exists() for p in found):  # two new runs within one second
+        n += 1
+        suffix = f"{stamp}-{n}"
+    moved = [p.rename(_stamped(p, suffix)) for p in found]
+    print(
+        f"{output_dir}: an earlier run's {', '.join(p.name for p in found)} moved aside to "
+        f"{', '.join(p.name for p in moved)}",
+        flush=True,
+    )
+    return moved
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def _stamped(path: Path, suffix: str) -> Path:
+    return path.with_name(f"{path.stem}.{suffix}{path.suffix}")
 
 
 def _clock(seconds: float) -> str:

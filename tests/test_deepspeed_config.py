@@ -11,6 +11,7 @@ from rlhf_ray.deepspeed_config import (
     effective_zero_stage,
     optimizer_kind,
     rollout_offload_plan,
+    set_learning_rate,
 )
 
 
@@ -153,3 +154,39 @@ def test_rollout_offload_plan(trainer, stage, on_gpu, engine_states, adamw):
     assert plan.moves_anything == bool(engine_states or adamw) and plan.note
     for name in plan.engine_states:
         OffloadStateTypeEnum(name)
+
+
+def _optimiser(lr: float, warmup: int = 4) -> torch.optim.lr_scheduler.LambdaLR:
+    """The rank's optimiser and scheduler (two groups, linear warm-up), on a tiny model."""
+    model = torch.nn.Linear(2, 2)
+    groups = [{"params": [model.weight], "weight_decay": 0.1}, {"params": [model.bias], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+
+
+def _train(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
+    for _ in range(steps):
+        scheduler.optimizer.step()
+        scheduler.step()
+
+
+@pytest.mark.parametrize("new_lr", [1e-3, 5e-4])
+def test_a_resumed_rank_trains_at_the_configs_learning_rate(new_lr):
+    saved = _optimiser(1e-3)
+    _train(saved, 2)  # mid warm-up
+    resumed = _optimiser(new_lr)  # built from the new config, then the checkpoint's states loaded
+    resumed.optimizer.load_state_dict(saved.optimizer.state_dict())
+    resumed.load_state_dict(saved.state_dict())
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [
+        1e-3 * (3 / 4)
+    ] * 2  # torch restores the saved rate
+
+    assert set_learning_rate(resumed, new_lr) == 1e-3
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [new_lr * (3 / 4)] * 2  # still warming up
+    _train(saved, 3)
+    _train(resumed, 3)  # warm-up ends after step 4: the full new rate
+    assert resumed.base_lrs == [new_lr] * 2
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [new_lr] * 2 == resumed.get_last_lr()
+    if new_lr == 1e-3:  # the same rate: the same schedule as the run that never stopped, bit for bit
+        assert resumed.state_dict() == saved.state_dict()
+        assert resumed.optimizer.param_groups[0]["lr"] == saved.optimizer.param_groups[0]["lr"]

@@ -180,7 +180,10 @@ class PPOTrainer:
         if self.roles is None:
             self.start()
         seed_everything(cfg.run.seed + self.step)
-        self._logger = MetricsLogger(self.out, cfg.logging, cfg.run.total_steps, start_step=self.step)
+        # at step 0 (not resumed) an earlier run's metrics.jsonl, samples.jsonl, tensorboard/ are moved aside
+        self._logger = MetricsLogger(
+            self.out, cfg.logging, cfg.run.total_steps, start_step=self.step, new_run=self.step == 0
+        )
         self._last: dict[str, Any] = {}
         policy_dir = self.out / "policy"
         evaluated = self.step > 0 or not self.eval_prompts  # the step-0 evaluation, once
@@ -459,9 +462,15 @@ class PPOTrainer:
         self._saved_at = time.monotonic()  # the work since this checkpoint is what a crash would cost now
         roles, timeout = self.roles, self.cfg.run.call_timeout_s
         self.sharing.trainer_resident()
-        roles.policy.load_checkpoint(str(path / "policy"), timeout)
+        saved_lr = {"trainer.lr": roles.policy.load_checkpoint(str(path / "policy"), timeout)}
         if roles.critic is not None:
-            roles.critic.load_checkpoint(str(path / "critic"), timeout)
+            saved_lr["trainer.critic_lr"] = roles.critic.load_checkpoint(str(path / "critic"), timeout)
+        for key, saved in saved_lr.items():  # the trainers now train at the config's rate
+            now = getattr(self.cfg.trainer, key.removeprefix("trainer."))
+            if saved != now:
+                log.warning(
+                    "%s=%g (%g in the checkpoint): the resumed run trains at the new rate", key, now, saved
+                )
         state = json.loads((path / STATE_FILE).read_text())
         self.step = state["step"]
         self.kl_ctl.load_state_dict(state["kl"])
