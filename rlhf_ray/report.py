@@ -297,3 +297,21 @@ def write_summary(summary: dict[str, Any], path: str | Path) -> Path:
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(path)
     return path
+
+
+def eval_before_after(rows: list[dict[str, Any]]) -> str:
+    """The held-out evaluation of a run's first and last evaluations side by side (`eval/*` keys of
+    metrics.jsonl rows: step 0 is the policy before RL), as the RL job prints it at the end; '' when the run
+    evaluated at most once."""
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    if len(evals) < 2:
+        return ""
+    first, last = evals[0], evals[-1]
+    keys = [k for k in first if k.startswith("eval/") and k in last]
+    head = (
+        f"{'held-out':<24}{'step ' + str(first['step']):>12}{'step ' + str(last['step']):>12}{'change':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for k in keys:
+        lines.append(f"{k:<24}{first[k]:>12.4g}{last[k]:>12.4g}{last[k] - first[k]:>+10.4g}")
+    return "\n".join(lines)
