@@ -61,11 +61,24 @@ def learning_curve(out) -> tuple[float, float]:
     return float(np.mean(rewards[:5])), float(np.mean(rewards[-5:]))
 
 
+# issue 13's by name: Dr. GRPO (its loss_agg=auto: seq-mean-token-sum-norm) with DAPO's clip-higher, GSPO
+DR_GRPO = {"clip_eps_low": 0.2, "clip_eps_high": 0.28}
+GSPO = {"policy_loss": "gspo", "clip_eps": 3e-4, "clip_eps_high": 4e-4}
+
+
 @pytest.mark.parametrize(
-    ("estimator", "zero_stage"),
-    [("grpo", 2), ("gae", 3), ("rloo", 2), ("reinforce_pp", 2)],
+    ("estimator", "zero_stage", "extra"),
+    [
+        ("grpo", 2, {}),
+        ("gae", 3, {}),
+        ("rloo", 2, {}),
+        ("reinforce_pp", 2, {}),
+        ("dr_grpo", 2, DR_GRPO),
+        ("grpo", 2, GSPO),
+    ],
+    ids=["grpo", "gae", "rloo", "reinforce_pp", "dr_grpo", "gspo"],
 )
-def test_rl_improves_reward(ray_local, tiny_model_dir, task, tmp_path, estimator, zero_stage):
+def test_rl_improves_reward(ray_local, tiny_model_dir, task, tmp_path, estimator, zero_stage, extra):
     cfg = tiny_rl_config(
         tiny_model_dir,
         task,
@@ -77,6 +90,7 @@ def test_rl_improves_reward(ray_local, tiny_model_dir, task, tmp_path, estimator
             "kl_coef": 0.01,
             "mini_batch_size": 32,
             "old_logprobs": "recompute" if estimator == "gae" else "auto",
+            **extra,
         },
         trainer={
             "num_ranks": 2,
