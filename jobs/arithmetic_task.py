@@ -8,6 +8,15 @@ Writes <out>/arithmetic_train.jsonl (2000 problems) and <out>/arithmetic_eval.js
 record: `prompt` (the question and the instruction), `answer` (int), `kind` (add, sub, mul, temp),
 `expression` (e.g. "12 - 5") and the operands `a`, `b`.
 
+For the offline stages (SFT, reward model, DPO; jobs/configs/smollm2_dpo.yaml, smollm2_pipeline.yaml), from
+training problems only, two more files of the same problems' records plus:
+
+- <out>/arithmetic_sft.jsonl (400): `response`, a short right answer, "12 - 5 = 7." or "The answer is 7.";
+- <out>/arithmetic_pairs.jsonl (400, other problems than the demonstrations'): `chosen`, a short right
+  answer, and `rejected`, a wrong one, as a labeler who knows the answer would rank them; `mistake` names
+  the wrong one's kind: off by one or by ten, the wrong operation (for a temperature: the sign), or a
+  rambling start that never reaches the answer.
+
 Held out means more than a different wording: no (kind, a, b) of an eval problem appears in training, so
 a model cannot pass the eval by remembering "7 x 8" from a training prompt. Four kinds, equally often:
 addition and subtraction of numbers up to 80 (never below zero), multiplication tables 2-12, and a
@@ -25,6 +34,7 @@ from typing import Any
 
 INSTRUCTION = "Answer with just the number."
 TRAIN_FILE, EVAL_FILE = "arithmetic_train.jsonl", "arithmetic_eval.jsonl"
+SFT_FILE, PAIRS_FILE = "arithmetic_sft.jsonl", "arithmetic_pairs.jsonl"
 NAMES = ["Tom", "Anna", "Sam", "Maria", "Ben", "Lily", "Omar", "Mei", "Jack", "Sara", "Ravi", "Emma"]
 ITEMS = ["apples", "pencils", "marbles", "stickers", "cookies", "books", "cards", "shells"]
 
@@ -146,15 +156,88 @@ def _split_evenly(n: int, parts: int) -> list[int]:
     return [n // parts + (i < n % parts) for i in range(parts)]
 
 
+# ---- demonstrations and preference pairs, for the offline stages -----------------------------------------
+MISTAKES = ("off_by_one", "off_by_ten", "wrong_operation", "rambling")
+RAMBLES = [
+    "Let's think about this step by step. First, there are {a}, and then we need to work out",
+    "Okay, so we start with {a}. To find the answer we have to think about what happens next, which is",
+    "This is a word problem. Word problems can be tricky, so let's read the question carefully and",
+]
+
+
+def short_answer(
+    record: dict[str, Any], value: int, rng: random.Random, expression: str | None = None
+) -> str:
+    """A short answer ending on `value`: "<expression> = <value>." or "The answer is <value>."."""
+    if rng.random() < 0.5:
+        return f"{expression or record['expression']} = {value}."
+    return f"The answer is {value}."
+
+
+def wrong_answer(record: dict[str, Any], rng: random.Random) -> tuple[str, str]:
+    """(mistake, response): a plausible wrong answer to `record` whose final number is not its answer (or
+    that has no final answer at all), the mistake drawn from `MISTAKES`."""
+    a, b, answer, kind = record["a"], record["b"], record["answer"], record["kind"]
+    while True:
+        mistake = rng.choice(MISTAKES)
+        if mistake == "rambling":  # ends on a, never the answer (b >= 1; x: a, b >= 2)
+            return mistake, rng.choice(RAMBLES).format(a=a)
+        expression = None
+        if mistake == "off_by_one":
+            value = answer + rng.choice((-1, 1))
+        elif mistake == "off_by_ten":
+            value = answer + rng.choice((-10, 10))
+        elif kind == "temp":  # the sign: how far it dropped below zero, written as above
+            value, expression = b - a, f"{b} - {a}"
+        else:  # + for - and x, - for +
+            symbol = "-" if kind == "add" else "+"
+            value = a - b if symbol == "-" else a + b
+            expression = f"{a} {symbol} {b}"
+        if value != answer:
+            return mistake, short_answer(record, value, rng, expression)
+
+
+def make_offline_data(
+    train: list[dict[str, Any]], n_sft: int = 400, n_pairs: int = 400, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(demonstrations, preference pairs) from the training problems `train` only, on different problems:
+    each record with `response` (SFT) or `chosen`, `rejected`, `mistake` (pairs) added. A random stream of
+    its own, so the train and eval files do not depend on these sizes."""
+    if n_sft + n_pairs > len(train):
+        raise ValueError(
+            f"{n_sft} demonstrations + {n_pairs} pairs need that many of the {len(train)} problems"
+        )
+    rng = random.Random(f"offline-{seed}")
+    chosen = rng.sample(train, n_sft + n_pairs)
+    demonstrations = [r | {"response": short_answer(r, r["answer"], rng)} for r in chosen[:n_sft]]
+    pairs = []
+    for r in chosen[n_sft:]:
+        right = short_answer(r, r["answer"], rng)
+        mistake, wrong = wrong_answer(r, rng)
+        pairs.append(r | {"chosen": right, "rejected": wrong, "mistake": mistake})
+    return demonstrations, pairs
+
+
 def write_arithmetic_task(
-    out: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0
+    out: str | Path,
+    n_train: int = 2000,
+    n_eval: int = 200,
+    seed: int = 0,
+    n_sft: int = 400,
+    n_pairs: int = 400,
 ) -> dict[str, Path]:
-    """Write the two JSONL files under `out`; returns {"train": path, "eval": path}."""
+    """Write the four JSONL files under `out`; returns {"train", "eval", "sft", "pairs": path}."""
     from rlhf_ray.data import write_jsonl
 
     train, held_out = make_problems(n_train, n_eval, seed)
+    demonstrations, pairs = make_offline_data(train, n_sft, n_pairs, seed)
     out = Path(out)
-    return {"train": write_jsonl(out / TRAIN_FILE, train), "eval": write_jsonl(out / EVAL_FILE, held_out)}
+    return {
+        "train": write_jsonl(out / TRAIN_FILE, train),
+        "eval": write_jsonl(out / EVAL_FILE, held_out),
+        "sft": write_jsonl(out / SFT_FILE, demonstrations),
+        "pairs": write_jsonl(out / PAIRS_FILE, pairs),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
@@ -165,8 +248,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=2000, help="training problems (default: %(default)s)")
     parser.add_argument("--eval", type=int, default=200, help="held-out problems (default: %(default)s)")
+    parser.add_argument("--sft", type=int, default=400, help="SFT demonstrations (default: %(default)s)")
+    parser.add_argument("--pairs", type=int, default=400, help="preference pairs (default: %(default)s)")
     args = parser.parse_args(argv)
-    paths = write_arithmetic_task(args.out, args.train, args.eval, args.seed)
+    paths = write_arithmetic_task(args.out, args.train, args.eval, args.seed, args.sft, args.pairs)
     for path in paths.values():
         print(path)
     return paths
