@@ -180,14 +180,14 @@ def wrong_answer(record: dict[str, Any], rng: random.Random) -> tuple[str, str]:
     a, b, answer, kind = record["a"], record["b"], record["answer"], record["kind"]
     while True:
         mistake = rng.choice(MISTAKES)
-        if mistake == "rambling":  # ends on a, never the answer (b >= 1; x: a, b >= 2)
+        if mistake == "rambling":  # unfinished; its last number, if any, is a: never the answer (b >= 1)
             return mistake, rng.choice(RAMBLES).format(a=a)
         expression = None
         if mistake == "off_by_one":
             value = answer + rng.choice((-1, 1))
         elif mistake == "off_by_ten":
             value = answer + rng.choice((-10, 10))
-        elif kind == "temp":  # the sign: how far it dropped below zero, written as above
+        elif kind == "temp":  # the sign lost: b - a degrees, above zero where the answer is below
             value, expression = b - a, f"{b} - {a}"
         else:  # + for - and x, - for +
             symbol = "-" if kind == "add" else "+"
@@ -208,10 +208,10 @@ def make_offline_data(
             f"{n_sft} demonstrations + {n_pairs} pairs need that many of the {len(train)} problems"
         )
     rng = random.Random(f"offline-{seed}")
-    chosen = rng.sample(train, n_sft + n_pairs)
-    demonstrations = [r | {"response": short_answer(r, r["answer"], rng)} for r in chosen[:n_sft]]
+    picked = rng.sample(train, n_sft + n_pairs)
+    demonstrations = [r | {"response": short_answer(r, r["answer"], rng)} for r in picked[:n_sft]]
     pairs = []
-    for r in chosen[n_sft:]:
+    for r in picked[n_sft:]:
         right = short_answer(r, r["answer"], rng)
         mistake, wrong = wrong_answer(r, rng)
         pairs.append(r | {"chosen": right, "rejected": wrong, "mistake": mistake})
