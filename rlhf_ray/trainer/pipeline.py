@@ -8,8 +8,8 @@ model come from, which stages to skip, and the report's options. The pipeline se
 of each stage itself, from its plan (`pipeline_layout.stage_plan`):
 
 - `pipeline.task=synthetic` (the default): the embedded sorting task, its simulated labeler and a random
-  tiny model (sizes `pipeline.n_*`); the RL reward is the learned reward model; the report's gold score is
-  the task's hidden one;
+  tiny model (sizes `pipeline.n_demos`, `pipeline.n_train_prompts`, `pipeline.n_eval_prompts`); the RL
+  reward is the learned reward model; the report's gold score is the task's hidden one;
 - `pipeline.task=own`: your model (`pipeline.base_model`), demonstrations, preference pairs, prompts and
   held-out prompts (docs/OWN_DATA.md); nothing is sampled for preferences (your pairs are them); the RL
   reward is `reward.*` (a reward model trained here or given, a rule, an HTTP scorer); the report compares

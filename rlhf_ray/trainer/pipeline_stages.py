@@ -10,7 +10,7 @@ that reads what the stage before it wrote and writes its own outputs (paths in `
 - evaluate: the SFT and the RL policy on the held-out prompts (`rlhf_ray.trainer.evaluation`).
 
 Which of them run, and what each reads, is the run's plan (`pipeline_layout.stage_plan`); the stage's
-config (`pipeline.stage_configs`) holds the paths.
+config (built by `stage_configs` in `rlhf_ray.trainer.pipeline`) holds the paths.
 """
 
 from __future__ import annotations
