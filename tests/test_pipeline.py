@@ -57,7 +57,7 @@ SHORT = [
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RLHF_RAY_OBJECT_STORE_BYTES", str(512 * 1024**2))
     out = tmp_path / "run"
@@ -132,6 +132,53 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, capsys):
     assert weights.stat().st_mtime_ns == mtime
     assert again["wall_seconds"] < 30
     assert "skipped*" in again["table"]
+
+    # the run's files as your own data (pipeline.task=own): its SFT policy as your SFT model (SFT skipped),
+    # its pairs as your preference pairs (a reward model trains on them from your SFT model), its prompts
+    own_out = tmp_path / "own"
+    task = out / "task"
+    own_argv = [
+        "--config",
+        TINY,
+        *SHORT,
+        f"pipeline.output_dir={own_out}",
+        "pipeline.task=own",
+        f"pipeline.sft_model={out / 'sft'}",
+        f"pipeline.preference_pairs={out / 'preferences' / 'pairs.jsonl'}",
+        f"pipeline.prompts={task / 'prompts.jsonl'}",
+        f"pipeline.eval_prompts={task / 'eval_prompts.jsonl'}",
+        "run.eval_function=rlhf_ray.data.synthetic:gold_reward",  # the held-out check (a labeler's, here)
+        "offline.reward_model.epochs=1",
+        "run.total_steps=2",
+        "run.eval_interval=0",
+    ]
+    mine = main(own_argv)
+    assert mine["plan"] == {
+        "data": "given",
+        "sft": "given",
+        "preferences": "given",
+        "reward_model": "run",
+        "rl": "run",
+        "evaluate": "run",
+    }
+    assert {s: v["status"] for s, v in mine["stages"].items()} == dict.fromkeys(
+        ("reward_model", "rl", "evaluate"), "ran"
+    )
+    assert mine["given"]["sft"] == str(out / "sft") and f"given, not run: sft {out / 'sft'}" in mine["table"]
+    assert not (own_out / "sft").exists() and not (own_out / "task").exists()
+    rm = json.loads((own_out / "stages" / "reward_model.json").read_text())["result"]
+    assert rm["init"] == str(out / "sft"), rm
+    rl_config = yaml.safe_load((own_out / "rl" / "config.yaml").read_text())
+    assert rl_config["model"]["policy_path"] == str(out / "sft")
+    assert rl_config["model"]["reward_path"] == str(own_out / "reward_model")
+    assert rl_config["data"]["train_path"] == str(task / "prompts.jsonl")
+    # your SFT model is the reference: its KL to itself is ~0; the same held-out prompts and seeds as the
+    # synthetic run's evaluation of the same SFT policy give the same gold score
+    assert abs(mine["sft"]["kl"]) < 0.02 and mine["sft"]["gold"] == pytest.approx(
+        on_disk["sft"]["gold"], abs=1e-6
+    )
+    assert mine["rl_training"]["steps"] == 2
+    print(json.dumps({k: mine[k] for k in ("plan", "sft", "rl", "seconds")}, indent=1))
 
 
 # ---- fast: no Ray -----------------------------------------------------------------------------------
