@@ -91,10 +91,10 @@ def test_three_grpo_steps_on_smollm2_and_the_saved_policy_loads_in_vllm(ray_loca
                 "engine": "vllm",
                 "max_new_tokens": MAX_NEW,
                 "kv_cache_gib": 0.25,
-                "samples_per_prompt": 1,
+                "samples_per_prompt": 2,
             },
             "run": {"seed": 0},
-            "algorithm": {"mini_batch_size": 1},
+            "algorithm": {"mini_batch_size": 2},
         }
     )
     engine = RolloutEngine.options(num_cpus=1).remote(engine_cfg)
