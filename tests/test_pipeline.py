@@ -383,16 +383,21 @@ def _own_files(tmp_path):
     return d
 
 
-def test_own_data_keys_follow_your_files(tmp_path, tiny_model_dir):
-    """A changed file of yours re-runs the stage that reads it and those after it, not those before."""
-    d = _own_files(tmp_path)
-    files = [
-        f"pipeline.base_model={tiny_model_dir}",
+def _own_overrides(d, model_dir) -> list[str]:
+    """The pipeline.* overrides that point a run at `_own_files`' files and `model_dir`."""
+    return [
+        f"pipeline.base_model={model_dir}",
         f"pipeline.demonstrations={d / 'sft.jsonl'}",
         f"pipeline.preference_pairs={d / 'pairs.jsonl'}",
         f"pipeline.prompts={d / 'prompts.jsonl'}",
         f"pipeline.eval_prompts={d / 'eval.jsonl'}",
     ]
+
+
+def test_own_data_keys_follow_your_files(tmp_path, tiny_model_dir):
+    """A changed file of yours re-runs the stage that reads it and those after it, not those before."""
+    d = _own_files(tmp_path)
+    files = _own_overrides(d, tiny_model_dir)
     cfg = own(tmp_path, *files)
     base = stage_keys(cfg)
     assert stage_keys(cfg) == base
@@ -411,13 +416,7 @@ def test_own_inputs_are_checked_before_any_stage(tmp_path, tiny_model_dir):
     from rlhf_ray.models import build_word_tokenizer, tiny_model
 
     d = _own_files(tmp_path)
-    files = [
-        f"pipeline.base_model={tiny_model_dir}",
-        f"pipeline.demonstrations={d / 'sft.jsonl'}",
-        f"pipeline.preference_pairs={d / 'pairs.jsonl'}",
-        f"pipeline.prompts={d / 'prompts.jsonl'}",
-        f"pipeline.eval_prompts={d / 'eval.jsonl'}",
-    ]
+    files = _own_overrides(d, tiny_model_dir)
     cfg = own(tmp_path, *files)
     check_inputs(cfg, list(STAGES))  # all there
     with pytest.raises(DataError, match="no field 'response'"):
