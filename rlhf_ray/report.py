@@ -159,20 +159,33 @@ def build_summary(
     reward, reward_se = paired_gain(rl["sampled"]["reward"], sft["sampled"]["reward"])
     gain = {"gold": gold, "gold_se": gold_se, "reward": reward, "reward_se": reward_se}
     kind, text = verdict(gain, min_gold_gain)
-    seconds = {stage: rec["seconds"] for stage, rec in records.items()}
     return {
         "sft": policy_figures(sft),
         "rl": policy_figures(rl),
         "gain": gain,
         "verdict": kind,
         "verdict_text": text,
+        **stage_figures(records, rl_rows, wall_seconds, paths),
+        "examples": examples(evaluation, n_examples),
+        "eval_prompts": len(sft["sampled"]["gold"]),
+    }
+
+
+def stage_figures(
+    records: dict[str, dict[str, Any]],
+    rl_rows: list[dict[str, Any]],
+    wall_seconds: float,
+    paths: dict[str, Any],
+) -> dict[str, Any]:
+    """The part of summary.json every pipeline run has, with or without a held-out comparison: each stage's
+    status and seconds, the wall time, the RL run's and the offline stages' figures, the paths."""
+    seconds = {stage: rec["seconds"] for stage, rec in records.items()}
+    return {
         "seconds": seconds | {"total": round(sum(seconds.values()), 2)},
         "stages": {s: {"status": rec["status"], "seconds": rec["seconds"]} for s, rec in records.items()},
         "wall_seconds": round(wall_seconds, 2),
         "rl_training": rl_training_figures(rl_rows),
         "offline": offline_figures(records),
-        "examples": examples(evaluation, n_examples),
-        "eval_prompts": len(sft["sampled"]["gold"]),
         "paths": paths,
     }
 

@@ -53,9 +53,8 @@ from rlhf_ray.metrics import read_metrics
 from rlhf_ray.report import (
     build_summary,
     format_table,
-    offline_figures,
     plot_curves,
-    rl_training_figures,
+    stage_figures,
     write_summary,
 )
 from rlhf_ray.trainer.offline import require_model_dir
@@ -364,16 +363,7 @@ def short_summary(
 ) -> dict[str, Any]:
     """summary.json when the plan has no evaluation stage: the stages, the RL run's and the offline
     stages' figures (`rlhf_ray.report` names), no comparison of the policies."""
-    seconds = {stage: rec["seconds"] for stage, rec in records.items()}
-    return {
-        "verdict": None,
-        "seconds": seconds | {"total": round(sum(seconds.values()), 2)},
-        "stages": {s: {"status": rec["status"], "seconds": rec["seconds"]} for s, rec in records.items()},
-        "wall_seconds": round(wall, 2),
-        "rl_training": rl_training_figures(rl_rows),
-        "offline": offline_figures(records),
-        "paths": paths,
-    }
+    return {"verdict": None, **stage_figures(records, rl_rows, wall, paths)}
 
 
 def format_short(summary: dict[str, Any]) -> str:
